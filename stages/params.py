@@ -1,0 +1,194 @@
+"""params.yaml, loaded once into typed, validated dataclasses.
+
+Every stage calls `load_params` first, so an unknown key or a bad value
+stops the pipeline before any work, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import yaml
+
+from stages.common import StageError
+
+ACTIVATIONS = ("tanh", "relu", "leaky_relu")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ARCHS = ("fc", "cnn")
+
+
+class ParamError(StageError):
+    """A params.yaml key is unknown, missing or has a bad value."""
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ParamError(f"params.yaml: {key} {why}; fix it in params.yaml or with `dvc exp run -S {key}=...`")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    url: str
+    md5: str
+    timeout: float
+    retries: int
+    classes: tuple[str, ...]
+
+    def validate(self, prefix: str) -> None:
+        _check(re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None, f"{prefix}.md5", "must be 32 lowercase hex digits")
+        _check(self.timeout > 0, f"{prefix}.timeout", "must be > 0 seconds")
+        _check(self.retries >= 1, f"{prefix}.retries", "must be >= 1")
+        _check(len(self.classes) >= 2, f"{prefix}.classes", "must name at least 2 classes")
+        _check(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", "must not repeat a class")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    arch: str
+    activation: str
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...] = ()
+    kernel_size: int = 3
+    padding: int = 1
+    pool: int = 2
+
+    def validate(self, prefix: str) -> None:
+        _check(self.arch in ARCHS, f"{prefix}.arch", f"must be one of {', '.join(ARCHS)}")
+        _check(self.activation in ACTIVATIONS, f"{prefix}.activation", f"must be one of {', '.join(ACTIVATIONS)}")
+        _check(len(self.hidden) >= (1 if self.arch == "cnn" else 0), f"{prefix}.hidden", "must list layer widths")
+        _check(all(h > 0 for h in self.hidden), f"{prefix}.hidden", "widths must be > 0")
+        if self.arch == "cnn":
+            _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels), f"{prefix}.channels", "must list conv channels > 0")
+            _check(self.kernel_size > 0, f"{prefix}.kernel_size", "must be > 0")
+            _check(self.padding >= 0, f"{prefix}.padding", "must be >= 0")
+            _check(self.pool > 0, f"{prefix}.pool", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    device: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    deterministic: bool
+    channels_last: bool
+    tf32: bool
+
+    def validate(self, prefix: str) -> None:
+        _check(self.device in DEVICES, f"{prefix}.device", f"must be one of {', '.join(DEVICES)}")
+        _check(self.epochs >= 1, f"{prefix}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(self.momentum >= 0, f"{prefix}.momentum", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(self.seed >= 0, f"{prefix}.seed", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowParams:
+    experiment: str
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.experiment.strip()), f"{prefix}.experiment", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    data: DataParams
+    models: dict[str, ModelParams]
+    train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+
+def _coerce(value: object, hint: object, key: str) -> object:
+    """Check one YAML value against a field's type hint; ints pass as floats."""
+    if typing.get_origin(hint) is tuple:
+        _check(isinstance(value, list), key, "must be a list")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        _check(isinstance(value, bool), key, "must be true or false")
+    elif hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer")
+    elif hint is float:
+        if isinstance(value, str):  # PyYAML reads `1e-2` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number")
+        return float(value)
+    elif hint is str:
+        _check(isinstance(value, str), key, "must be a string")
+    return value
+
+
+def _section(cls: type, raw: object, prefix: str) -> object:
+    _check(isinstance(raw, dict), prefix, "must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        _check(key in fields, f"{prefix}.{key}", f"is not a known key (known: {', '.join(fields)})")
+    values = {}
+    for name, field in fields.items():
+        if name not in raw:
+            required = field.default is dataclasses.MISSING
+            _check(not required, f"{prefix}.{name}", "is missing")
+            continue
+        values[name] = _coerce(raw[name], hints[name], f"{prefix}.{name}")
+    obj = cls(**values)
+    obj.validate(prefix)
+    return obj
+
+
+def parse_params(raw: object) -> Params:
+    """Validate a params mapping (as read from YAML) into `Params`."""
+    _check(isinstance(raw, dict), "(top level)", "must be a mapping")
+    sections = {"data": DataParams, "models": None, "train": TrainParams, "evaluate": EvaluateParams, "mlflow": MlflowParams}
+    for key in raw:
+        _check(key in sections, key, f"is not a known section (known: {', '.join(sections)})")
+    for key in sections:
+        _check(key in raw, key, "section is missing")
+    models = raw["models"]
+    _check(isinstance(models, dict) and len(models) > 0, "models", "must map model names to their settings")
+    for name in models:
+        _check(re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) is not None, f"models.{name}", "name must be lowercase letters, digits, _")
+    return Params(
+        data=_section(DataParams, raw["data"], "data"),
+        models={name: _section(ModelParams, cfg, f"models.{name}") for name, cfg in models.items()},
+        train=_section(TrainParams, raw["train"], "train"),
+        evaluate=_section(EvaluateParams, raw["evaluate"], "evaluate"),
+        mlflow=_section(MlflowParams, raw["mlflow"], "mlflow"),
+    )
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise StageError(f"cannot read params file {path}: {err.strerror}; run from the repository root") from err
+    except yaml.YAMLError as err:
+        raise ParamError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from err
+    return parse_params(raw)
+
+
+def model_params(params: Params, name: str) -> ModelParams:
+    if name not in params.models:
+        raise ParamError(f"params.yaml: models.{name} does not exist (known: {', '.join(params.models)}); add it or pick another")
+    return params.models[name]

@@ -1,0 +1,57 @@
+"""Device choice, seeding and numerics, set once per process."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+from stages.common import StageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise StageError(f"train.device is {name} but no {name} device is available; set train.device: auto or cpu")
+    return torch.device(name)
+
+
+def set_seed(seed: int, deterministic: bool, tf32: bool = False) -> None:
+    """Seed every generator; with `deterministic`, refuse nondeterministic kernels.
+
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call to be
+    deterministic, so it is set here, before any tensor reaches the GPU.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the device, for provenance."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock timings cover the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
