@@ -1,0 +1,1 @@
+"""Speed benchmarks, run by hand (see README), never by pytest."""
