@@ -9,17 +9,16 @@ unpickler that can only rebuild plain integer numpy arrays.
 
 from __future__ import annotations
 
-import _codecs
 import argparse
 import io
 import logging
 import os
 import pickle
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import numpy as np
-from numpy._core import multiarray
 
 from stages.common import StageError, atomic_path, file_md5, run_stage
 from stages.download import resolve_source
@@ -33,32 +32,59 @@ META = "batches.meta"
 INT_DTYPES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
 
 
-def _reconstruct(subtype: type, shape: tuple, dtype: object) -> np.ndarray:
-    if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"refused array subtype {subtype!r}")
-    return multiarray._reconstruct(subtype, shape, dtype)
+_NDARRAY = object()  # what the global `numpy.ndarray` resolves to: a marker for _Array, never called
 
 
-def _dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
-    if spec not in INT_DTYPES:
-        raise pickle.UnpicklingError(f"refused dtype {spec!r} (only plain integers are expected)")
-    return np.dtype(spec, align, copy)
+class _Dtype:
+    """Stands in for `numpy.dtype` while unpickling: a plain integer dtype, default state only."""
+
+    def __init__(self, spec: object, align: object = False, copy: object = True) -> None:
+        if not isinstance(spec, str) or spec not in INT_DTYPES:
+            raise pickle.UnpicklingError(f"refused dtype {spec!r} (only plain integers are expected)")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state: object) -> None:
+        # numpy's state: (3, byte order, subarray, names, fields, itemsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:] == (None, None, None, -1, -1, 0)):
+            raise pickle.UnpicklingError(f"refused dtype state {state!r}")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
-def _encode(text: str, encoding: str = "utf-8") -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused codec {encoding!r}")
-    return _codecs.encode(text, encoding)
+class _Array:
+    """Stands in for numpy's `_reconstruct`: the array is built by np.frombuffer from raw bytes, nothing else."""
+
+    def __init__(self, subtype: object, shape: object, dtype: object) -> None:
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError(f"refused array subtype {subtype!r}")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        # numpy's state: (version 1, shape, dtype, Fortran order, raw bytes), version omitted by old numpy
+        state = state[1:] if isinstance(state, tuple) and len(state) == 5 else state
+        shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and all(type(n) is int for n in shape) and isinstance(dtype, _Dtype)
+                and isinstance(raw, (bytes, str))):
+            raise pickle.UnpicklingError("refused array state (not a plain integer array)")
+        raw = raw.encode("latin1") if isinstance(raw, str) else raw  # Python 2 str read as latin1
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _encode(text: object, encoding: str = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused codec call encode(..., {encoding!r})")
+    return text.encode("latin1")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals the official batches use; anything else is refused unrun."""
+    """Resolves only the globals the official batches use, to stand-ins; anything else is refused unrun."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _dtype,
+    ALLOWED: ClassVar[dict[tuple[str, str], object]] = {
+        ("numpy.core.multiarray", "_reconstruct"): _Array,
+        ("numpy._core.multiarray", "_reconstruct"): _Array,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _Dtype,
         ("_codecs", "encode"): _encode,
     }
 
@@ -69,21 +95,36 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
 
 
+def _resolve(value: object) -> object:
+    if isinstance(value, _Array):
+        if value.array is None:
+            raise pickle.UnpicklingError("array without data")
+        return value.array
+    if isinstance(value, _Dtype):
+        raise pickle.UnpicklingError("bare dtype where data was expected")
+    return value
+
+
 def safe_unpickle(data: bytes, what: str) -> dict:
     """Load one batch (Python 2 pickle, hence latin1) with `RestrictedUnpickler`."""
     try:
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        if not isinstance(obj, dict):
+            raise pickle.UnpicklingError(f"it holds a {type(obj).__name__}, not a dict")
+        return {key: _resolve(value) for key, value in obj.items()}
     except Exception as err:
-        raise StageError(f"{what} is not a valid CIFAR batch ({err}); the archive is corrupt or malicious, delete it and download again") from err
-    if not isinstance(obj, dict):
-        raise StageError(f"{what} holds a {type(obj).__name__}, not a dict; the archive is not CIFAR-10 python format")
-    return obj
+        raise StageError(
+            f"{what} is not a valid CIFAR batch ({err}); the archive is corrupt or malicious, delete it and download again"
+        ) from err
 
 
 def check_member(member: tarfile.TarInfo) -> None:
     """Refuse absolute paths, `..`, links and devices (stricter than tarfile's data filter)."""
     if not (member.isfile() or member.isdir()):
         raise StageError(f"archive member {member.name!r} is a link or device; refusing the archive")
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise StageError(f"archive member {member.name!r} has an absolute path or '..'; refusing the archive")
     try:
         tarfile.data_filter(member, "/nonexistent-destination")
     except tarfile.FilterError as err:
@@ -127,16 +168,19 @@ def class_indices(label_names: list[str], classes: tuple[str, ...]) -> list[int]
 
 def select(images: np.ndarray, labels: np.ndarray, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Images of the kept original labels, relabelled to their position in `keep`."""
-    mask = np.isin(labels, keep)
-    remap = np.full(max(int(labels.max()), max(keep)) + 1, -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    return np.ascontiguousarray(images[mask]), remap[labels[mask]]
+    new = np.full(len(labels), -1, dtype=np.int64)
+    for position, original in enumerate(keep):
+        new[labels == original] = position
+    mask = new >= 0
+    return np.ascontiguousarray(images[mask]), new[mask]
 
 
 def build_splits(files: dict[str, bytes], classes: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'train': (images, labels), 'val': (images, labels)} for `classes`."""
-    meta = safe_unpickle(files[META], META)
-    keep = class_indices(list(meta.get("label_names", [])), classes)
+    names = safe_unpickle(files[META], META).get("label_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StageError(f"{META} has no list of label_names; the archive is not CIFAR-10 python format")
+    keep = class_indices(names, classes)
     splits = {}
     for split, names in (("train", TRAIN_BATCHES), ("val", (VAL_BATCH,))):
         parts = [batch_arrays(safe_unpickle(files[n], n), n) for n in names]

@@ -32,7 +32,7 @@ def run_stage(main: Callable[[], None]) -> None:
         logging.getLogger("stage").error("error: %s", err)
         sys.exit(1)
     except KeyboardInterrupt:
-        logging.getLogger("stage").error("error: interrupted; nothing partial was kept, rerun the stage")
+        logging.getLogger("stage").error("error: interrupted; no output was written (a partial download resumes); rerun")
         sys.exit(130)
 
 

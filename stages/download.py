@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -57,13 +58,39 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     try:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
+        err.close()
         if err.code >= 500 or err.code in (408, 429):
             raise TransientError(f"HTTP {err.code} {err.reason}") from err
         if err.code == 416:  # our partial file is not a prefix of theirs: start over
             raise
         raise StageError(f"download of {url} failed: HTTP {err.code} {err.reason}; check data.url or CIFAR10_URL") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise TransientError(str(getattr(err, "reason", err))) from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise TransientError(str(getattr(err, "reason", err)) or type(err).__name__) from err
+
+
+def _resume_offset(response: http.client.HTTPResponse, offset: int, part: Path) -> int:
+    """Where the body starts in the file: `offset` if the server resumed there, 0 if it sent it all."""
+    if not offset or response.status != 206:
+        return 0
+    if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+        part.unlink()
+        raise TransientError(f"server resumed at {response.headers.get('Content-Range')!r}, not byte {offset}; restarting")
+    return offset
+
+
+def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm) -> int:
+    """Append the body to `out`; network errors are transient, write errors (disk full) are not."""
+    received = 0
+    while True:
+        try:
+            block = response.read(CHUNK)
+        except (http.client.HTTPException, OSError) as err:
+            raise TransientError(f"transfer cut ({err})") from err
+        if not block:
+            return received
+        out.write(block)
+        received += len(block)
+        bar.update(len(block))
 
 
 def fetch_http(url: str, part: Path, timeout: float) -> None:
@@ -72,29 +99,18 @@ def fetch_http(url: str, part: Path, timeout: float) -> None:
     try:
         response = _open(url, offset, timeout)
     except urllib.error.HTTPError:
-        part.unlink()
+        part.unlink(missing_ok=True)
         raise TransientError("server refused to resume (HTTP 416); restarting") from None
     with response:
-        if offset and response.status != 206:  # server ignored the Range header
-            offset = 0
+        offset = _resume_offset(response, offset, part)
         length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        received = 0
+        total = offset + int(length) if length and length.isdigit() else None
         with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=None if expected is None else offset + expected, initial=offset,
-            unit="B", unit_scale=True, desc=part.name, disable=None,
+            total=total, initial=offset, unit="B", unit_scale=True, desc=part.name, disable=None
         ) as bar:
-            try:
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (http.client.HTTPException, OSError) as err:
-                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                    raise
-                raise TransientError(f"transfer cut after {offset + received} bytes ({err})") from err
-    if expected is not None and received < expected:
-        raise TransientError(f"transfer cut after {offset + received} of {offset + expected} bytes")
+            size = offset + _copy_body(response, out, bar)
+    if total is not None and size < total:
+        raise TransientError(f"transfer cut after {size} of {total} bytes")
 
 
 def fetch_with_retries(url: str, part: Path, timeout: float, retries: int, backoff: float) -> None:
@@ -104,7 +120,10 @@ def fetch_with_retries(url: str, part: Path, timeout: float, retries: int, backo
             return
         except TransientError as err:
             if attempt == retries:
-                raise StageError(f"download of {url} failed after {retries} attempts: {err}; check the network or the mirror and rerun") from err
+                raise StageError(
+                    f"download of {url} failed after {retries} attempts: {err}; check the network or the mirror and rerun"
+                    " (it resumes the partial file)"
+                ) from err
             delay = backoff * 2 ** (attempt - 1)
             log.warning("attempt %d/%d failed (%s); retrying in %.1f s", attempt, retries, err, delay)
             time.sleep(delay)
@@ -121,15 +140,21 @@ def verify_md5(path: Path, expected: str) -> None:
     got = file_md5(path)
     if got != expected:
         path.unlink()
-        raise StageError(f"checksum mismatch for {path.name}: expected MD5 {expected}, got {got}; the file was deleted, check data.md5 / CIFAR10_MD5 or the source")
+        raise StageError(
+            f"checksum mismatch for {path.name}: expected MD5 {expected}, got {got}; the file was deleted,"
+            " check data.md5 / CIFAR10_MD5 or the source"
+        )
 
 
 def download(url: str, target: Path, md5: str, timeout: float, retries: int, backoff: float = 1.0) -> bool:
     """Make `target` the archive at `url` with MD5 `md5`; False if it already was."""
-    target = Path(target)
-    if target.is_file() and file_md5(target) == md5:
-        log.info("%s already present with MD5 %s; skipping download", target, md5)
-        return False
+    target, md5 = Path(target), md5.lower()
+    if target.is_file():
+        if file_md5(target) == md5:
+            log.info("%s already present with MD5 %s; skipping download", target, md5)
+            return False
+        log.warning("%s has the wrong MD5; deleting it and downloading again", target)
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     source = local_source(url)
@@ -141,9 +166,9 @@ def download(url: str, target: Path, md5: str, timeout: float, retries: int, bac
             copy_local(source, part)
     except OSError as err:
         part.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StageError(f"no space left on device writing {part}; free some space and rerun") from err
-        raise StageError(f"cannot write {part}: {err.strerror}") from err
+        raise StageError(f"cannot write {part}: {err.strerror or err}") from err
     verify_md5(part, md5)
     os.replace(part, target)
     log.info("verified MD5 %s", md5)

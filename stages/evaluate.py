@@ -60,11 +60,13 @@ def read_run_info(path: Path) -> dict:
         raise StageError(f"cannot read {path} ({err}); rerun the train stage") from err
 
 
-def log_to_run(run_id: str, metrics: dict, classes_report: dict, matrix: np.ndarray, classes: list[str],
+def log_to_run(run_info: dict, metrics: dict, classes_report: dict, matrix: np.ndarray, classes: list[str],
                name: str, extra_files: list[Path]) -> None:
-    with tracking.run(run_id=run_id):
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "params"})
-        mlflow.log_metrics({f"val_f1_{c}": r["f1"] for c, r in classes_report.items()})
+    """Final metrics at the last epoch's step, so they end the learning curves they share a name with."""
+    step = run_info.get("epochs", 0)
+    with tracking.run(run_id=run_info["run_id"]):
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "params"}, step=step)
+        mlflow.log_metrics({f"val_f1_{c}": r["f1"] for c, r in classes_report.items()}, step=step)
         mlflow.log_dict(classes_report, "per_class.json")
         mlflow.log_figure(plots.confusion(matrix, classes, f"{name}: validation"), "confusion_matrix.png")
         plots.close_all()
@@ -93,7 +95,7 @@ def main() -> None:
     metrics = summarize((train.labels, train_pred), (val.labels, val_pred), count_params(model), run_info)
     report = per_class(val.labels, val_pred, classes)
     matrix = confusion_matrix(val.labels, val_pred, labels=list(range(len(classes))))
-    log_to_run(run_info["run_id"], metrics, report, matrix, classes, args.model,
+    log_to_run(run_info, metrics, report, matrix, classes, args.model,
                [args.params] + ([args.lock] if args.lock else []))
     write_json_atomic(args.per_class, report)
     write_text_atomic(args.confusion, confusion_csv(val.labels, val_pred, classes))

@@ -6,6 +6,7 @@ stops the pipeline before any work, with a message naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -61,7 +62,8 @@ class ModelParams:
         _check(len(self.hidden) >= (1 if self.arch == "cnn" else 0), f"{prefix}.hidden", "must list layer widths")
         _check(all(h > 0 for h in self.hidden), f"{prefix}.hidden", "widths must be > 0")
         if self.arch == "cnn":
-            _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels), f"{prefix}.channels", "must list conv channels > 0")
+            ok = len(self.channels) >= 1 and all(c > 0 for c in self.channels)
+            _check(ok, f"{prefix}.channels", "must list conv channels > 0")
             _check(self.kernel_size > 0, f"{prefix}.kernel_size", "must be > 0")
             _check(self.padding >= 0, f"{prefix}.padding", "must be >= 0")
             _check(self.pool > 0, f"{prefix}.pool", "must be > 0")
@@ -127,10 +129,8 @@ def _coerce(value: object, hint: object, key: str) -> object:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer")
     elif hint is float:
         if isinstance(value, str):  # PyYAML reads `1e-2` (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number")
         return float(value)
     elif hint is str:
@@ -167,7 +167,8 @@ def parse_params(raw: object) -> Params:
     models = raw["models"]
     _check(isinstance(models, dict) and len(models) > 0, "models", "must map model names to their settings")
     for name in models:
-        _check(re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) is not None, f"models.{name}", "name must be lowercase letters, digits, _")
+        valid = re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) is not None
+        _check(valid, f"models.{name}", "name must be lowercase letters, digits, _")
     return Params(
         data=_section(DataParams, raw["data"], "data"),
         models={name: _section(ModelParams, cfg, f"models.{name}") for name, cfg in models.items()},

@@ -6,9 +6,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # no screen on CI or GPU boxes
 
-import numpy as np  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 
 
 def learning_curves(history: list[dict], title: str) -> Figure:

@@ -43,7 +43,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 response.read()
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise StageError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI") from err
+            raise StageError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+            ) from err
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):

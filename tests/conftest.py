@@ -105,8 +105,35 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server() -> Iterator[FileServer]:
     server = FileServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cifar3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.npz, val.npz and stats.json made by the real stage functions from a synthetic archive."""
+    from stages.cifar3 import build_splits, write_split
+    from stages.common import write_json_atomic
+    from stages.stats import channel_stats
+
+    out = tmp_path_factory.mktemp("cifar3")
+    classes = ("airplane", "automobile", "ship")
+    splits = build_splits(archive_files(n_per_class=8), classes)
+    for split, (images, labels) in splits.items():
+        write_split(out / f"{split}.npz", images, labels, classes, "0" * 32)
+    write_json_atomic(out / "stats.json", channel_stats(splits["train"][0]))
+    return out
+
+
+def tiny_params(tmp_path: Path, **train: object) -> Path:
+    """The repo's params.yaml with a short training run; `train` overrides train.* keys."""
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["train"].update({"epochs": 2, "batch_size": 32, **train})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

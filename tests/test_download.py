@@ -1,0 +1,211 @@
+"""Stage `download`: loopback HTTP, file:// and path sources, resume, retries, and clean failures."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import stages.download as stage
+from stages.common import StageError
+from stages.download import download, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "cifar-10-python.tar.gz"
+
+
+def fetch(url: str, target: Path, md5: str, retries: int = 3) -> bool:
+    return download(url, target, md5, timeout=5, retries=retries, backoff=0)
+
+
+def raw_dir_entries(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir()) if target.parent.exists() else []
+
+
+@pytest.fixture
+def served(http_server, archive) -> tuple[str, bytes, str]:
+    """(url, archive bytes, md5) of the synthetic archive on the loopback server."""
+    path, md5 = archive
+    http_server.files[f"/{NAME}"] = path.read_bytes()
+    return http_server.url(NAME), path.read_bytes(), md5
+
+
+def test_http_download(served, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    target = tmp_path / "raw" / NAME
+    assert fetch(url, target, md5) is True
+    assert target.read_bytes() == blob
+    assert raw_dir_entries(target) == [NAME]  # no .part left
+
+
+def test_file_url_source(archive, tmp_path: Path) -> None:
+    path, md5 = archive
+    target = tmp_path / "raw" / NAME
+    assert fetch(path.as_uri(), target, md5) is True
+    assert target.read_bytes() == path.read_bytes()
+
+
+def test_plain_path_source(archive, tmp_path: Path) -> None:
+    path, md5 = archive
+    target = tmp_path / "raw" / NAME
+    assert fetch(str(path), target, md5) is True
+    assert target.read_bytes() == path.read_bytes()
+
+
+def test_missing_local_source_fails(tmp_path: Path) -> None:
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="does not exist"):
+        fetch(str(tmp_path / "nope.tar.gz"), target, "0" * 32)
+    assert raw_dir_entries(target) == []
+
+
+def test_resume_after_cut_transfer(served, http_server, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    http_server.cut_next = [len(blob) // 3]
+    target = tmp_path / "raw" / NAME
+    assert fetch(url, target, md5) is True
+    assert [r["range"] for r in http_server.requests] == [None, f"bytes={len(blob) // 3}-"]
+    assert hashlib.md5(target.read_bytes()).hexdigest() == md5
+    assert raw_dir_entries(target) == [NAME]
+
+
+def test_resume_of_part_left_by_earlier_run(served, http_server, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    target = tmp_path / "raw" / NAME
+    target.parent.mkdir()
+    target.with_name(NAME + ".part").write_bytes(blob[:100])
+    assert fetch(url, target, md5) is True
+    assert [r["range"] for r in http_server.requests] == ["bytes=100-"]
+    assert target.read_bytes() == blob
+
+
+def test_http_404_is_one_line_error_and_leaves_nothing(http_server, tmp_path: Path) -> None:
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="HTTP 404") as err:
+        fetch(http_server.url("missing.tar.gz"), target, "0" * 32)
+    assert "\n" not in str(err.value)
+    assert len(http_server.requests) == 1  # a 4xx is not retried
+    assert raw_dir_entries(target) == []
+
+
+def test_wrong_md5_says_expected_and_got_and_deletes(served, tmp_path: Path) -> None:
+    url, _, md5 = served
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError) as err:
+        fetch(url, target, "f" * 32)
+    message = str(err.value)
+    assert f"expected MD5 {'f' * 32}" in message and f"got {md5}" in message and "\n" not in message
+    assert raw_dir_entries(target) == []
+
+
+def test_retries_exhausted(served, http_server, tmp_path: Path) -> None:
+    url, _, md5 = served
+    http_server.cut_next = [10] * 5
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="failed after 2 attempts"):
+        fetch(url, target, md5, retries=2)
+    assert len(http_server.requests) == 2
+    assert not target.exists()  # only a .part (resumed by the next run) may remain
+    assert set(raw_dir_entries(target)) <= {NAME + ".part"}
+
+
+def test_connection_refused_is_retried_then_fails(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StageError, match="failed after 2 attempts"):
+        fetch(f"http://127.0.0.1:{port}/{NAME}", tmp_path / "raw" / NAME, "0" * 32, retries=2)
+
+
+def test_5xx_is_retried_with_exponential_backoff(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, blob, md5 = served
+    real_urlopen, calls, sleeps = urllib.request.urlopen, [], []
+
+    def flaky(request: urllib.request.Request, timeout: float) -> object:
+        calls.append(timeout)
+        if len(calls) <= 2:
+            raise urllib.error.HTTPError(url, 503, "Service Unavailable", {}, None)
+        return real_urlopen(request, timeout=timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(stage.time, "sleep", sleeps.append)
+    assert download(url, tmp_path / "raw" / NAME, md5, timeout=7, retries=3, backoff=0.5) is True
+    assert calls == [7, 7, 7] and sleeps == [0.5, 1.0]
+    assert (tmp_path / "raw" / NAME).read_bytes() == blob
+
+
+def test_read_timeout_is_retried_then_fails(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # accepts connections (backlog) but never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/{NAME}"
+        with pytest.raises(StageError, match=r"failed after 2 attempts.*timed out"):
+            download(url, tmp_path / "raw" / NAME, "0" * 32, timeout=0.2, retries=2, backoff=0)
+
+
+def test_disk_full_is_clear_error_and_removes_part(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(response: object, out: object, bar: object) -> int:
+        out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stage, "_copy_body", full)
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="no space left on device"):
+        fetch(served[0], target, served[2])
+    assert raw_dir_entries(target) == []
+
+
+def test_skips_when_target_already_verified(served, http_server, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    target = tmp_path / "raw" / NAME
+    target.parent.mkdir()
+    target.write_bytes(blob)
+    assert fetch(url, target, md5.upper()) is False
+    assert http_server.requests == []
+
+
+def test_replaces_target_with_wrong_md5(served, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    target = tmp_path / "raw" / NAME
+    target.parent.mkdir()
+    target.write_bytes(b"stale")
+    assert fetch(url, target, md5) is True
+    assert target.read_bytes() == blob
+
+
+def test_env_overrides_source() -> None:
+    assert resolve_source("http://a/x", "a" * 32, {}) == ("http://a/x", "a" * 32)
+    env = {"CIFAR10_URL": "file:///m/x.tar.gz", "CIFAR10_MD5": "B" * 32}
+    assert resolve_source("http://a/x", "a" * 32, env) == ("file:///m/x.tar.gz", "b" * 32)
+    assert resolve_source("http://a/x", "a" * 32, {"CIFAR10_URL": "", "CIFAR10_MD5": ""}) == ("http://a/x", "a" * 32)
+
+
+def run_cli(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    cmd = [sys.executable, "-m", "stages.download", "--params", str(params), "--out", str(tmp_path / "raw" / NAME)]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_downloads(served, tmp_path: Path) -> None:
+    url, blob, md5 = served
+    result = run_cli(tmp_path, {"CIFAR10_URL": url, "CIFAR10_MD5": md5})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "raw" / NAME).read_bytes() == blob
+
+
+def test_cli_failure_is_one_line_error(http_server, tmp_path: Path) -> None:
+    result = run_cli(tmp_path, {"CIFAR10_URL": http_server.url("missing.tar.gz"), "CIFAR10_MD5": "0" * 32})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error: " in last and "HTTP 404" in last
+    assert "Traceback" not in result.stderr
