@@ -25,6 +25,12 @@ from mlflow.models import infer_signature
 
 from stages.common import StageError
 
+EXPERIMENT_NOTE = (
+    "CIFAR-3, fully connected net vs small CNN. Each `dvc repro` adds one run per model (tag `model`) "
+    "and one `comparison` run. Select the `fc` and `cnn` runs and press Compare to see param_count, "
+    "train_acc, val_acc, gap and seconds_per_epoch side by side, and the per-epoch train_loss / val_acc curves."
+)
+
 
 def repo_root(env: Mapping[str, str], cwd: Path) -> Path:
     return Path(env.get("DVC_ROOT") or cwd).resolve()
@@ -63,7 +69,7 @@ def connect(env: Mapping[str, str], cwd: Path, experiment: str) -> str:
         return found.experiment_id
     # Artifacts of the default store sit beside it, not under whatever cwd DVC used.
     location = None if "MLFLOW_TRACKING_URI" in env else (root / "mlruns").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.create_experiment(experiment, artifact_location=location, tags={"mlflow.note.content": EXPERIMENT_NOTE})
 
 
 @contextmanager
