@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make repro` and `make test`.
+VENV := .venv
+STAMP := $(VENV)/.installed-requirements
+# DVC stages run `python -m stages.…`: put the venv first so they get its python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: repro test lint bench clean-venv
+
+# Reinstall only when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+lint: $(STAMP)
+	ruff check .
+
+test: lint
+	python -m pytest tests -q
+
+bench: $(STAMP)
+	python -m tests.benchmarks.train_speed --train data/cifar3/train.npz --stats data/cifar3/stats.json
+
+clean-venv:
+	rm -rf $(VENV)

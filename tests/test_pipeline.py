@@ -1,0 +1,113 @@
+"""End to end: the real `dvc` CLI runs the whole pipeline in a temp copy of the repo.
+
+The archive is a tiny synthetic one served over loopback HTTP, and training
+is two short epochs, so the full pipeline runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import FileServer, archive_files, write_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+       "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+ENV.pop("MLFLOW_TRACKING_URI", None)
+ENV.pop("CIFAR10_URL", None)
+ENV.pop("CIFAR10_MD5", None)
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git repo holding the project's tracked files, pointed at a synthetic archive."""
+    server = FileServer()
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    archive = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, archive_files(n_per_class=8))
+    server.files["/cifar-10-python.tar.gz"] = archive.read_bytes()
+    repo = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update({"url": server.url("cifar-10-python.tar.gz"), "md5": md5})
+    params["train"].update({"epochs": 2, "batch_size": 32})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "test copy")
+    yield repo
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo: Path) -> str:
+    return sh(repo, "dvc", "repro")
+
+
+def test_repro_builds_every_output(repo: Path, first_repro: str) -> None:
+    assert {"download", "cifar3", "stats", "train@fc", "train@cnn", "evaluate@fc", "evaluate@cnn", "compare",
+            "visualize"} <= ran(first_repro)
+    for path in ("dvc.lock", "data/metrics/fc.json", "data/metrics/cnn.json", "reports/comparison.md",
+                 "reports/comparison.csv", "reports/accuracy_vs_params.png", "data/history/cnn.csv", "data/plots/kernels.png"):
+        assert (repo / path).is_file(), path
+    table = (repo / "reports/comparison.md").read_text()
+    assert "3,737,603" in table and "18,123" in table
+
+
+def test_mlflow_store_holds_both_runs(repo: Path, first_repro: str) -> None:
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        rows = db.execute("select t.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                          "where t.key = 'model'").fetchall()
+    assert sorted(rows) == [("cnn", "FINISHED"), ("fc", "FINISHED")]
+    assert (repo / "mlruns").is_dir()
+
+
+def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
+    output = sh(repo, "dvc", "repro")
+    assert ran(output) == set()
+    assert "up to date" in output
+
+
+def test_metrics_show_lists_both_models(repo: Path, first_repro: str) -> None:
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
+    files = next(iter(shown.values()))["data"]
+    assert files["data/metrics/fc.json"]["data"]["params"] == 3_737_603
+    assert files["data/metrics/cnn.json"]["data"]["params"] == 18_123
+
+
+def test_experiment_reruns_only_training_and_is_listed(repo: Path, first_repro: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    output = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.02")
+    assert ran(output) >= {"train@fc", "train@cnn", "evaluate@fc", "evaluate@cnn", "compare"}
+    assert ran(output).isdisjoint({"download", "cifar3", "stats"})
+    shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json")))
+    assert '"lr": 0.02' in shown and '"lr": 0.01' in shown
