@@ -6,6 +6,7 @@ Models never pick a device: callers resolve it once and move them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
@@ -23,19 +24,63 @@ def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: i
     return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _mlp(widths: list[int], activation: str) -> list[nn.Module]:
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN, which uses AVX-512 on CPUs where MKL's sgemm does not."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinearFn(torch.autograd.Function):
+    """F.linear for 2-D float32 CPU inputs with all three GEMMs in oneDNN (the FC net's hot spot)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = _onednn_linear(grad, weight.t()) if need_x else None
+        grad_w = _onednn_linear(grad.t().contiguous(), x.t()) if need_w else None  # fastest layout pair
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict keys) that trains through oneDNN on the CPU.
+
+    Only in training mode: eval, export and every other device or dtype take F.linear.
+    Results agree with F.linear to float32 rounding; runs are bitwise repeatable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _ONEDNN and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
+                and not torch.compiler.is_compiling():
+            return _OneDnnLinearFn.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _mlp(widths: list[int], activation: str, linear: type[nn.Linear] = nn.Linear) -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(linear(a, b))
         if i < len(widths) - 2:
             layers.append(ACTIVATION_LAYERS[activation]())
     return layers
 
 
 def build_fc(cfg: ModelParams, num_classes: int) -> nn.Sequential:
-    """Flatten, then Linear + activation per hidden width, then Linear to the classes."""
+    """Flatten, then Linear + activation per hidden width, then Linear to the classes.
+
+    The Linear layers train through oneDNN (see `Linear`); the CNN's small head keeps nn.Linear.
+    """
     inputs = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
-    return nn.Sequential(nn.Flatten(), *_mlp([inputs, *cfg.hidden, num_classes], cfg.activation))
+    return nn.Sequential(nn.Flatten(), *_mlp([inputs, *cfg.hidden, num_classes], cfg.activation, Linear))
 
 
 class ConvNet(nn.Module):
@@ -60,7 +105,8 @@ class ConvNet(nn.Module):
             side = conv_output_size(side, cfg.pool, cfg.pool, 0)
             channels = out_channels
         if side < 1:
-            raise StageError(f"conv stack of {list(cfg.channels)} shrinks 32 px images to nothing; use fewer layers or more padding")
+            raise StageError(f"conv stack of {list(cfg.channels)} shrinks 32 px images to nothing; "
+                             "use fewer layers or more padding")
         self.classifier = nn.Sequential(*_mlp([channels * side * side, *cfg.hidden, num_classes], cfg.activation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +132,8 @@ def layer_table(model: nn.Module) -> str:
     return "\n".join(rows) + "\n"
 
 
-def save_checkpoint(path: Path, model: nn.Module, cfg: ModelParams, classes: tuple[str, ...], mean: list[float], std: list[float]) -> None:
+def save_checkpoint(path: Path, model: nn.Module, cfg: ModelParams, classes: tuple[str, ...],
+                    mean: list[float], std: list[float]) -> None:
     """state_dict plus everything needed to rebuild and feed the model; atomic."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"state_dict": state, "config": dataclasses.asdict(cfg), "classes": list(classes), "mean": mean, "std": std}

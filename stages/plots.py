@@ -18,7 +18,7 @@ def learning_curves(history: list[dict], title: str) -> Figure:
     loss_ax.plot(epochs, [r["train_loss"] for r in history], label="train")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], label="validation")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
-    acc_ax.plot(epochs, [r["train_acc"] for r in history], label="train (running)")
+    acc_ax.plot(epochs, [r["train_acc_running"] for r in history], label="train (running, during the epoch)")
     acc_ax.plot(epochs, [r["val_acc"] for r in history], label="validation")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
     for ax in (loss_ax, acc_ax):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import random
@@ -34,10 +36,31 @@ def set_seed(seed: int, deterministic: bool, tf32: bool = False) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
+    # Deterministic mode also NaN-fills every new tensor, a debugging aid that
+    # determinism does not need: it was ~13% of an FC training step on the CPU.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def keep_freed_memory(max_block: int = 32 << 20, keep: int = 256 << 20) -> bool:
+    """Ask glibc to reuse freed blocks up to `max_block` bytes instead of unmapping them.
+
+    Training frees and re-allocates the same large gradient buffers every step
+    (12 MiB for the FC net's first layer); by default glibc returns them to the
+    OS and the next step pays page faults again (10-30% of an FC step on the CPU).
+    Up to `keep` bytes of free heap stay mapped. Returns False off glibc.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, max_block)) and bool(libc.mallopt(m_trim_threshold, keep))
+    except (OSError, AttributeError):
+        return False
 
 
 def device_name(device: torch.device) -> str:

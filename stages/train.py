@@ -28,7 +28,7 @@ from stages.common import run_stage, write_json_atomic, write_text_atomic
 from stages.datasets import load_split, load_stats, normalize
 from stages.models import build_model, count_params, layer_table, load_checkpoint, predict, save_checkpoint
 from stages.params import Params, TrainParams, load_params, model_params
-from stages.runtime import device_name, resolve_device, set_seed, synchronize
+from stages.runtime import device_name, keep_freed_memory, resolve_device, set_seed, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,25 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
-def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-        cfg: TrainParams, eval_batch: int, on_epoch: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Train for cfg.epochs; one history row per epoch (losses, accuracies, seconds)."""
+def setup_training(model: nn.Module, cfg: TrainParams) -> tuple[torch.optim.Optimizer, torch.Generator, bool]:
+    """(SGD optimizer, seeded shuffle generator, channels_last) for `model`, as `fit` trains it.
+
+    Conv models move to channels_last when cfg.channels_last is set; glibc is
+    told to keep freed gradient buffers mapped (see runtime.keep_freed_memory).
+    """
+    keep_freed_memory()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     channels_last = cfg.channels_last and any(p.dim() == 4 for p in model.parameters())
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    return optimizer, generator, channels_last
+
+
+def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+        cfg: TrainParams, eval_batch: int, on_epoch: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Train for cfg.epochs; one history row per epoch (losses, accuracies, seconds)."""
+    optimizer, generator, channels_last = setup_training(model, cfg)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         synchronize(train[0].device)
@@ -72,7 +83,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         logits = predict(model, val[0], eval_batch)
         val_loss = F.cross_entropy(logits, val[1]).item()
         val_acc = (logits.argmax(1) == val[1]).float().mean().item()
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc_running": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
         history.append(row)
         on_epoch(row)
@@ -97,7 +108,7 @@ def log_epoch(row: dict) -> None:
     metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
     mlflow.log_metrics(metrics, step=row["epoch"])
     log.info("epoch %3d  loss %.4f  train %.4f  val %.4f  %.2f s", row["epoch"], row["train_loss"],
-             row["train_acc"], row["val_acc"], row["seconds"])
+             row["train_acc_running"], row["val_acc"], row["seconds"])
 
 
 def load_tensors(args: argparse.Namespace, device: torch.device) -> dict:
@@ -151,7 +162,8 @@ def main() -> None:
         speed = timing(history, len(data["train"][1]))
         log_results(args.model, history, speed, args.checkpoint, data["val"][0][:2].cpu().numpy())
         write_text_atomic(args.history, history_csv(history))
-        write_json_atomic(args.run_info, {"run_id": active.info.run_id, "device": device_name(device), **speed})
+        write_json_atomic(args.run_info, {"run_id": active.info.run_id, "device": device_name(device),
+                                           "epochs": len(history), **speed})
     log.info("%s: %.2f s per epoch, %.0f images/s on %s", args.model, speed["seconds_per_epoch"],
              speed["images_per_second"], device_name(device))
 
