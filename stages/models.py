@@ -74,13 +74,14 @@ def _mlp(widths: list[int], activation: str, linear: type[nn.Linear] = nn.Linear
     return layers
 
 
-def build_fc(cfg: ModelParams, num_classes: int) -> nn.Sequential:
+def build_fc(cfg: ModelParams, num_classes: int, linear: type[nn.Linear] = Linear) -> nn.Sequential:
     """Flatten, then Linear + activation per hidden width, then Linear to the classes.
 
-    The Linear layers train through oneDNN (see `Linear`); the CNN's small head keeps nn.Linear.
+    The Linear layers train through oneDNN (see `Linear`; pass `linear=nn.Linear`
+    for the plain reference); the CNN's small head keeps nn.Linear.
     """
     inputs = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
-    return nn.Sequential(nn.Flatten(), *_mlp([inputs, *cfg.hidden, num_classes], cfg.activation, Linear))
+    return nn.Sequential(nn.Flatten(), *_mlp([inputs, *cfg.hidden, num_classes], cfg.activation, linear))
 
 
 class ConvNet(nn.Module):

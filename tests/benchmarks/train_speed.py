@@ -34,7 +34,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from stages.datasets import load_split, load_stats, normalize
-from stages.models import ConvNet, build_model
+from stages.models import ConvNet, build_fc, build_model
 from stages.params import ModelParams, TrainParams, load_params, model_params
 from stages.runtime import device_name, resolve_device, set_seed, synchronize
 from stages.train import setup_training, train_epoch
@@ -103,7 +103,8 @@ def original_epochs(cfg: ModelParams, train: TrainParams, args: argparse.Namespa
     split, (mean, std) = load_split(args.train), load_stats(args.stats)
     loader = DataLoader(OriginalDataset(split.images, split.labels, mean, std), batch_size=64, shuffle=True, num_workers=0)
     classes = len(split.classes)
-    model = (ConvNet(cfg, classes, pool_first=False) if cfg.arch == "cnn" else build_model(cfg, classes)).to(device)
+    plain = ConvNet(cfg, classes, pool_first=False) if cfg.arch == "cnn" else build_fc(cfg, classes, linear=nn.Linear)
+    model = plain.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
     return timed_epochs(lambda: original_epoch(model, optimizer, loader, device), device, args.warmup, args.epochs)
 
