@@ -69,7 +69,9 @@ def connect(env: Mapping[str, str], cwd: Path, experiment: str) -> str:
         return found.experiment_id
     # Artifacts of the default store sit beside it, not under whatever cwd DVC used.
     location = None if "MLFLOW_TRACKING_URI" in env else (root / "mlruns").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location, tags={"mlflow.note.content": EXPERIMENT_NOTE})
+    # experimentKind makes MLflow 3's UI open on the training-runs table, not its GenAI overview.
+    tags = {"mlflow.note.content": EXPERIMENT_NOTE, "mlflow.experimentKind": "custom_model_development"}
+    return mlflow.create_experiment(experiment, artifact_location=location, tags=tags)
 
 
 @contextmanager
