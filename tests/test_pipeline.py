@@ -111,3 +111,12 @@ def test_experiment_reruns_only_training_and_is_listed(repo: Path, first_repro: 
     assert ran(output).isdisjoint({"download", "cifar3", "stats"})
     shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json")))
     assert '"lr": 0.02' in shown and '"lr": 0.01' in shown
+
+
+def test_temp_experiment_logs_to_the_repo_store(repo: Path, first_repro: str) -> None:
+    """`--temp` runs in .dvc/tmp/exps/...; its MLflow runs must still land in the repo's store."""
+    sh(repo, "dvc", "exp", "run", "--temp", "-S", "train.epochs=1", "-n", "one-epoch")
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        names = db.execute("select value from tags where key = 'dvc.exp_name'").fetchall()
+    assert ("one-epoch",) in names
+    assert not list((repo / ".dvc" / "tmp").glob("exps/**/mlflow.db"))
