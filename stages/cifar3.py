@@ -207,7 +207,8 @@ def main() -> None:
         raise StageError(f"{args.archive} does not exist; run `dvc repro download` first")
     got = file_md5(args.archive)
     if got != md5:
-        raise StageError(f"{args.archive} has MD5 {got}, expected {md5}; rerun `dvc repro -f download`")
+        raise StageError(f"{args.archive} has MD5 {got}, expected {md5}; "
+                         "set CIFAR10_MD5 as for its download (mirrors), or rerun `dvc repro -f download`")
     splits = build_splits(read_batches(args.archive), data.classes)
     for split, (images, labels) in splits.items():
         write_split(args.out_dir / f"{split}.npz", images, labels, data.classes, md5)

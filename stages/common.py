@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,13 +24,23 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); user errors become one line and a non-zero exit."""
     setup_logging()
+    # A `kill` or CI timeout then unwinds like Ctrl-C: runs end KILLED, temp files go.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except StageError as err:
         logging.getLogger("stage").error("error: %s", err)
+        sys.exit(1)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        logging.getLogger("stage").error("error: %s%s; free space or fix permissions and rerun", where, err.strerror or err)
         sys.exit(1)
     except KeyboardInterrupt:
         logging.getLogger("stage").error("error: interrupted; no output was written (a partial download resumes); rerun")

@@ -25,11 +25,22 @@ log = logging.getLogger(__name__)
 COLUMNS = ["model", "params", "train_acc", "val_acc", "gap", "seconds_per_epoch"]
 
 
-def read_json(path: Path) -> dict:
+def check_models(listed: list[str], in_params: list[str]) -> None:
+    """compare's deps name each model's files, so they must cover exactly the models in params."""
+    if sorted(listed) != sorted(in_params):
+        raise StageError(f"compare lists models {listed} but params.yaml has {in_params}; "
+                         "update compare's --models and deps in dvc.yaml")
+
+
+def read_metrics(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise StageError(f"cannot read {path} ({err}); list it in compare's deps and rerun `dvc repro`") from err
+        raise StageError(f"cannot read {path} ({err}); rerun `dvc repro`") from err
+    missing = [c for c in COLUMNS[1:] if not isinstance(metrics, dict) or c not in metrics]
+    if missing:
+        raise StageError(f"{path} lacks {', '.join(missing)}; rerun its evaluate stage")
+    return metrics
 
 
 def comparison_table(metrics: dict[str, dict]) -> pd.DataFrame:
@@ -57,12 +68,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--params", "--metrics-dir", "--run-info-dir", "--out-dir"):
         parser.add_argument(flag, type=Path, required=True)
+    parser.add_argument("--models", nargs="+", required=True, help="the models whose files are compare's deps")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_models(args.models, list(params.models))
     experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
-    names = list(params.models)
-    table = comparison_table({n: read_json(args.metrics_dir / f"{n}.json") for n in names})
-    run_ids = {n: read_json(args.run_info_dir / f"{n}.run.json")["run_id"] for n in names}
+    names = args.models
+    table = comparison_table({n: read_metrics(args.metrics_dir / f"{n}.json") for n in names})
+    run_ids = {n: tracking.read_run_info(args.run_info_dir / f"{n}.run.json")["run_id"] for n in names}
     out = {"md": args.out_dir / "comparison.md", "csv": args.out_dir / "comparison.csv",
            "png": args.out_dir / "accuracy_vs_params.png"}
     write_text_atomic(out["md"], to_markdown(table))

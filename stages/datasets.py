@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def load_split(path: Path) -> Split:
     try:
         with np.load(path, allow_pickle=False) as z:
             return Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), str(z["source_md5"]))
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise StageError(f"cannot read split {path} ({err}); rerun `dvc repro cifar3`") from err
 
 

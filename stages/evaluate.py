@@ -7,7 +7,6 @@ so it measures exactly what was saved, and appends to the train run in MLflow.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -53,13 +52,6 @@ def predictions(model: object, split: Split, meta: dict, device: object, batch_s
     return predict(model, x, batch_size).argmax(1).cpu().numpy()
 
 
-def read_run_info(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StageError(f"cannot read {path} ({err}); rerun the train stage") from err
-
-
 def log_to_run(run_info: dict, metrics: dict, classes_report: dict, matrix: np.ndarray, classes: list[str],
                name: str, extra_files: list[Path]) -> None:
     """Final metrics at the last epoch's step, so they end the learning curves they share a name with."""
@@ -85,12 +77,15 @@ def main() -> None:
     params = load_params(args.params)
     model_params(params, args.model)
     tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
-    run_info = read_run_info(args.run_info)
+    run_info = tracking.read_run_info(args.run_info, ("run_id", "seconds_per_epoch", "images_per_second"))
     device = resolve_device(params.train.device)
     model, meta = load_checkpoint(args.checkpoint)
     model.to(device)
     classes, batch = meta["classes"], params.evaluate.batch_size
     train, val = load_split(args.train), load_split(args.val)
+    if tuple(classes) != val.classes:
+        raise StageError(f"{args.checkpoint} was trained on {classes}, the splits hold {list(val.classes)}; "
+                         "rerun its train stage")
     train_pred, val_pred = (predictions(model, s, meta, device, batch) for s in (train, val))
     metrics = summarize((train.labels, train_pred), (val.labels, val_pred), count_params(model), run_info)
     report = per_class(val.labels, val_pred, classes)

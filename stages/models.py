@@ -146,12 +146,15 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     """(model on the CPU in eval mode, the checkpoint's metadata), from the file alone."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise StageError(f"cannot load checkpoint {path} ({err}); rerun its train stage") from err
-    raw = payload["config"]
-    cfg = ModelParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    model = build_model(cfg, len(payload["classes"]))
-    model.load_state_dict(payload["state_dict"])
+        raw = payload["config"]
+        cfg = ModelParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        model = build_model(cfg, len(payload["classes"]))
+        model.load_state_dict(payload["state_dict"])
+    except StageError:
+        raise
+    except Exception as err:  # any unreadable or foreign file: one line, not a traceback
+        raise StageError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {err}); "
+                         "rerun its train stage (dvc repro -f train@<model>)") from err
     return model.eval(), payload
 
 

@@ -19,6 +19,7 @@ from stages.common import StageError
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ARCHS = ("fc", "cnn")
+CONV_KEYS = ("channels", "kernel_size", "padding", "pool")
 
 
 class ParamError(StageError):
@@ -51,16 +52,21 @@ class ModelParams:
     arch: str
     activation: str
     hidden: tuple[int, ...]
-    channels: tuple[int, ...] = ()
-    kernel_size: int = 3
-    padding: int = 1
-    pool: int = 2
+    # Conv-only settings: required for arch cnn, refused for arch fc (they would do nothing).
+    channels: tuple[int, ...] | None = None
+    kernel_size: int | None = None
+    padding: int | None = None
+    pool: int | None = None
 
     def validate(self, prefix: str) -> None:
         _check(self.arch in ARCHS, f"{prefix}.arch", f"must be one of {', '.join(ARCHS)}")
         _check(self.activation in ACTIVATIONS, f"{prefix}.activation", f"must be one of {', '.join(ACTIVATIONS)}")
         _check(len(self.hidden) >= (1 if self.arch == "cnn" else 0), f"{prefix}.hidden", "must list layer widths")
         _check(all(h > 0 for h in self.hidden), f"{prefix}.hidden", "widths must be > 0")
+        for name in CONV_KEYS:
+            given = getattr(self, name) is not None
+            why = "is missing" if self.arch == "cnn" else "applies only to arch: cnn"
+            _check(given == (self.arch == "cnn"), f"{prefix}.{name}", why)
         if self.arch == "cnn":
             ok = len(self.channels) >= 1 and all(c > 0 for c in self.channels)
             _check(ok, f"{prefix}.channels", "must list conv channels > 0")
@@ -119,6 +125,8 @@ class Params:
 
 def _coerce(value: object, hint: object, key: str) -> object:
     """Check one YAML value against a field's type hint; ints pass as floats."""
+    if type(None) in typing.get_args(hint):  # `X | None`: an optional field that was given
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is tuple:
         _check(isinstance(value, list), key, "must be a list")
         item = typing.get_args(hint)[0]

@@ -9,6 +9,7 @@ the runs in a directory DVC deletes afterwards.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import urllib.error
@@ -21,6 +22,7 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from stages.common import StageError
@@ -68,7 +70,7 @@ def connect(env: Mapping[str, str], cwd: Path, experiment: str) -> str:
     if found is not None:
         return found.experiment_id
     # Artifacts of the default store sit beside it, not under whatever cwd DVC used.
-    location = None if "MLFLOW_TRACKING_URI" in env else (root / "mlruns").as_uri()
+    location = None if env.get("MLFLOW_TRACKING_URI") else (root / "mlruns").as_uri()
     # experimentKind makes MLflow 3's UI open on the training-runs table, not its GenAI overview.
     tags = {"mlflow.note.content": EXPERIMENT_NOTE, "mlflow.experimentKind": "custom_model_development"}
     return mlflow.create_experiment(experiment, artifact_location=location, tags=tags)
@@ -77,7 +79,11 @@ def connect(env: Mapping[str, str], cwd: Path, experiment: str) -> str:
 @contextmanager
 def run(experiment_id: str | None = None, run_id: str | None = None, **kwargs: object) -> Iterator[mlflow.ActiveRun]:
     """Start (or reopen, with `run_id`) a run that always ends FINISHED, FAILED or KILLED."""
-    active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs)
+    try:
+        active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs)
+    except MlflowException as err:
+        raise StageError(f"cannot open MLflow run {run_id or ''} in {mlflow.get_tracking_uri()} ({err.message}); "
+                         "use the store it was logged to (MLFLOW_TRACKING_URI) or rerun its train stage") from err
     try:
         yield active
     except KeyboardInterrupt:
@@ -146,3 +152,15 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
     )
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
+
+
+def read_run_info(path: Path, required: tuple[str, ...] = ("run_id",)) -> dict:
+    """The small JSON a train stage leaves for later stages: its run id, device and speed."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StageError(f"cannot read {path} ({err}); rerun its train stage") from err
+    missing = [key for key in required if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise StageError(f"{path} lacks {', '.join(missing)}; rerun its train stage")
+    return info

@@ -8,7 +8,6 @@ kernels for comparison. Writes PNGs and logs them to the CNN's train run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -208,20 +207,13 @@ def write_figures(figs: dict[str, Figure], out_dir: Path) -> list[Path]:
     return paths
 
 
-def read_run_id(path: Path) -> str:
-    try:
-        return str(json.loads(Path(path).read_text(encoding="utf-8"))["run_id"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise StageError(f"cannot read a run_id from {path} ({err}); rerun `dvc repro train@cnn`") from err
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--checkpoint", "--val", "--run-info", "--params", "--out-dir"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
-    run_id = read_run_id(args.run_info)
+    run_id = tracking.read_run_info(args.run_info)["run_id"]
     model, meta = load_checkpoint(args.checkpoint)
     model = require_convnet(model, meta, args.checkpoint)
     split = load_split(args.val)

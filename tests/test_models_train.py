@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
+from stages.common import StageError
 from stages.evaluate import summarize
 from stages.models import build_model, count_params, load_checkpoint, predict, save_checkpoint
 from stages.params import ModelParams, TrainParams
@@ -81,14 +82,28 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]  # no temp file left
 
 
-def test_interrupted_save_leaves_no_checkpoint(tmp_path: Path) -> None:
-    class Exploding(torch.nn.Module):
-        def state_dict(self, *args: object, **kwargs: object) -> dict:
-            raise KeyboardInterrupt
+def test_interrupted_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
 
+    def save_then_interrupt(obj: object, f: object) -> None:
+        real_save(obj, f)  # the temp file is complete on disk when Ctrl-C lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "x.pt", Exploding(), CNN, ("a", "b"), [0.0] * 3, [1.0] * 3)
+        save_checkpoint(tmp_path / "x.pt", build_model(CNN, 3), CNN, ("a", "b", "c"), [0.0] * 3, [1.0] * 3)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_foreign_checkpoint_is_one_line_error(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "x.pt"
+    if content is None:
+        torch.save({"state_dict": {}, "config": {"arch": "fc"}}, path)  # loads, but is not ours
+    else:
+        path.write_bytes(content)
+    with pytest.raises(StageError, match="is not a checkpoint of this project"):
+        load_checkpoint(path)
 
 
 def test_accuracy_matches_sklearn() -> None:

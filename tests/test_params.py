@@ -41,6 +41,8 @@ def test_repo_params_load_with_reference_defaults(raw: dict) -> None:
     (("models", "fc", "hidden"), [1024, -1], "models.fc.hidden"),
     (("models", "fc", "hidden"), [1024, "x"], "models.fc.hidden[1]"),
     (("models", "cnn", "channels"), "16", "models.cnn.channels"),
+    (("models", "fc", "channels"), [16], "models.fc.channels applies only to arch: cnn"),
+    (("models", "cnn", "pool"), None, "models.cnn.pool must be an integer"),
 ])
 def test_bad_value_names_the_key(raw: dict, path: tuple, value: object, needle: str) -> None:
     bad = copy.deepcopy(raw)
@@ -61,6 +63,10 @@ def test_unknown_and_missing_keys_are_named(raw: dict) -> None:
     del missing["train"]["seed"]
     with pytest.raises(ParamError, match=r"train\.seed is missing"):
         parse_params(missing)
+    conv = copy.deepcopy(raw)
+    del conv["models"]["cnn"]["pool"]
+    with pytest.raises(ParamError, match=r"models\.cnn\.pool is missing"):
+        parse_params(conv)
     extra = copy.deepcopy(raw)
     extra["optimizer"] = {}
     with pytest.raises(ParamError, match="optimizer is not a known section"):

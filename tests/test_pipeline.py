@@ -119,4 +119,7 @@ def test_temp_experiment_logs_to_the_repo_store(repo: Path, first_repro: str) ->
     with sqlite3.connect(repo / "mlflow.db") as db:
         names = db.execute("select value from tags where key = 'dvc.exp_name'").fetchall()
     assert ("one-epoch",) in names
-    assert not list((repo / ".dvc" / "tmp").glob("exps/**/mlflow.db"))
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        uris = db.execute("select r.artifact_uri from runs r join tags t on t.run_uuid = r.run_uuid "
+                          "where t.key = 'dvc.exp_name' and t.value = 'one-epoch'").fetchall()
+    assert uris and all(uri.removeprefix("file://").startswith(str(repo / "mlruns")) for (uri,) in uris)

@@ -169,8 +169,8 @@ def test_missing_class_and_mismatched_classes_are_refused() -> None:
 
 def test_run_info_without_run_id_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text("{}")
-    with pytest.raises(StageError, match="cannot read a run_id"):
-        visualize.read_run_id(tmp_path / "run.json")
+    with pytest.raises(StageError, match="lacks run_id"):
+        tracking.read_run_info(tmp_path / "run.json")
 
 
 # --- the stage end to end ----------------------------------------------------------------------------------------
