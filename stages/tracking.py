@@ -130,6 +130,8 @@ def flatten(prefix: str, value: object) -> dict[str, str]:
         for key, item in value.items():
             out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
         return out
+    if value is None:  # a setting that does not apply (conv keys of an fc model)
+        return {}
     if isinstance(value, (list, tuple)):
         return {prefix: "[" + ", ".join(str(v) for v in value) + "]"}
     return {prefix: str(value)}
