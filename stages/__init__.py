@@ -1,1 +1,1 @@
-"""DVC stages of the CIFAR-3 FC-vs-CNN pipeline; one module per stage."""
+"""DVC stage entry points, one module per stage: arguments in, library calls, atomic writes out."""

@@ -1,56 +1,15 @@
-"""Shared fixtures: tiny synthetic CIFAR-10 archives and a real loopback HTTP server."""
+"""Fixtures: a synthetic archive, a loopback HTTP server, CIFAR-3 splits made by the real code."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import pickle
-import tarfile
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def synthetic_batch(n_per_class: int, seed: int) -> dict:
-    """A batch whose classes differ in mean colour, so a model can learn them."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(10), n_per_class)
-    rng.shuffle(labels)
-    base = rng.integers(0, 96, size=(len(labels), 3, 32, 32))
-    tint = np.stack([(labels * 37) % 160, (labels * 71) % 160, (labels * 113) % 160], axis=1)[:, :, None, None]
-    data = (base + tint).clip(0, 255).astype(np.uint8).reshape(len(labels), 3072)
-    return {"batch_label": f"synthetic {seed}", "labels": labels.tolist(), "data": data,
-            "filenames": [f"img_{seed}_{i}.png" for i in range(len(labels))]}
-
-
-def archive_files(n_per_class: int = 4) -> dict[str, bytes]:
-    """Pickled meta and batches in the official python layout (protocol 2)."""
-    files = {f"data_batch_{i}": pickle.dumps(synthetic_batch(n_per_class, i), protocol=2) for i in range(1, 6)}
-    files["test_batch"] = pickle.dumps(synthetic_batch(n_per_class, 99), protocol=2)
-    files["batches.meta"] = pickle.dumps({"label_names": CLASSES, "num_cases_per_batch": 10 * n_per_class,
-                                          "num_vis": 3072}, protocol=2)
-    return files
-
-
-def write_archive(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> str:
-    """Write a .tar.gz of `files` under cifar-10-batches-py/ (plus raw `extra` members); returns its MD5."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, blob in files.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-        for info in extra:
-            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
-    return hashlib.md5(buf.getvalue()).hexdigest()
+from cifar3study.archive import build_splits
+from cifar3study.dataset import channel_stats, write_split, write_stats
+from tests.helpers import CIFAR3_CLASSES, FileServer, archive_files, serving, write_archive
 
 
 @pytest.fixture
@@ -60,80 +19,18 @@ def archive(tmp_path: Path) -> tuple[Path, str]:
     return path, write_archive(path, archive_files())
 
 
-class FileServer(ThreadingHTTPServer):
-    """Serves `files` by URL path, honours `Range: bytes=N-`, and can cut transfers short."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.cut_next: list[int] = []  # byte counts after which the next responses are cut
-        self.requests: list[dict] = []
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{path.lstrip('/')}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FileServer
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.server.requests.append({"path": self.path, "range": self.headers.get("Range")})
-        blob = self.server.files.get(self.path)
-        if blob is None:
-            self.send_error(404)
-            return
-        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers.get("Range") else 0
-        body = blob[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}")
-        self.end_headers()
-        if self.server.cut_next:
-            self.wfile.write(body[: self.server.cut_next.pop(0)])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def http_server() -> Iterator[FileServer]:
-    server = FileServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FileServer()) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def cifar3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """train.npz, val.npz and stats.json made by the real stage functions from a synthetic archive."""
-    from stages.cifar3 import build_splits, write_split
-    from stages.common import write_json_atomic
-    from stages.stats import channel_stats
-
+    """train.npz, val.npz and stats.json made by the real library from a synthetic archive."""
     out = tmp_path_factory.mktemp("cifar3")
-    classes = ("airplane", "automobile", "ship")
-    splits = build_splits(archive_files(n_per_class=8), classes)
-    for split, (images, labels) in splits.items():
-        write_split(out / f"{split}.npz", images, labels, classes, "0" * 32)
-    write_json_atomic(out / "stats.json", channel_stats(splits["train"][0]))
+    splits = build_splits(archive_files(n_per_class=8), CIFAR3_CLASSES, "0" * 32)
+    for name, split in splits.items():
+        write_split(out / f"{name}.npz", split)
+    write_stats(out / "stats.json", channel_stats(splits["train"].images))
     return out
-
-
-def tiny_params(tmp_path: Path, **train: object) -> Path:
-    """The repo's params.yaml with a short training run; `train` overrides train.* keys."""
-    import yaml
-
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    raw["train"].update({"epochs": 2, "batch_size": 32, **train})
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path

@@ -1,127 +1,79 @@
-"""MLflow runs written by the real train/evaluate stages, in a real SQLite store and a real server."""
+"""MLflow plumbing: where runs go, how they end, what they are tagged with; a real store and a real server."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from stages import tracking
-from stages.common import StageError
-from stages.datasets import load_split, normalize
-from stages.models import load_checkpoint
-
-from .conftest import tiny_params
-
-ROOT = Path(__file__).resolve().parents[1]
+from cifar3study import tracking
+from cifar3study.errors import StageError
+from cifar3study.params import ModelParams
+from tests.helpers import CIFAR3_CLASSES
 
 
-def stage(module: str, env: dict[str, str], *args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=ROOT,
-                          env={**os.environ, "DVC_STAGE": f"{module}@test", **env},
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[str]:
+    """A fresh SQLite store; the global tracking URI is reset afterwards."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    yield uri
+    mlflow.set_tracking_uri(None)
 
 
-def train_and_evaluate(out: Path, data: Path, params: Path, env: dict[str, str], model: str = "cnn") -> None:
-    trained = stage("train", env, "--params", params, "--model", model, "--train", data / "train.npz",
-                    "--val", data / "val.npz", "--stats", data / "stats.json", "--checkpoint", out / f"{model}.pt",
-                    "--history", out / f"{model}.csv", "--run-info", out / f"{model}.run.json")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    evaluated = stage("evaluate", env, "--params", params, "--model", model, "--checkpoint", out / f"{model}.pt",
-                      "--run-info", out / f"{model}.run.json", "--train", data / "train.npz", "--val", data / "val.npz",
-                      "--metrics", out / f"{model}.json", "--per-class", out / "per_class.json",
-                      "--confusion", out / "confusion.csv")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+def test_default_store_follows_dvc_root(tmp_path: Path) -> None:
+    root = tracking.repo_root({"DVC_ROOT": str(tmp_path)}, Path("/elsewhere"))
+    assert tracking.tracking_uri({}, root) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.tracking_uri({"MLFLOW_TRACKING_URI": "http://team:5000"}, tmp_path) == "http://team:5000"
 
 
-@pytest.fixture(scope="module")
-def sqlite_run(tmp_path_factory: pytest.TempPathFactory, cifar3_dir: Path) -> dict:
-    out = tmp_path_factory.mktemp("sqlite_run")
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    train_and_evaluate(out, cifar3_dir, tiny_params(out), {"MLFLOW_TRACKING_URI": uri})
-    mlflow.set_tracking_uri(uri)
-    run_id = json.loads((out / "cnn.run.json").read_text())["run_id"]
-    return {"out": out, "uri": uri, "run": MlflowClient(uri).get_run(run_id), "client": MlflowClient(uri)}
-
-
-def test_run_holds_params_and_param_count(sqlite_run: dict) -> None:
-    run = sqlite_run["run"]
-    assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert params["param_count"] == "18123" and params["models.cnn.channels"] == "[16, 8]"
-    assert params["train.lr"] == "0.01" and params["train.epochs"] == "2" and params["evaluate.batch_size"] == "1000"
-    assert params["data.classes"] == "[airplane, automobile, ship]"
-    assert run.data.metrics["param_count"] == 18123
-
-
-def test_run_holds_curves_and_final_metrics(sqlite_run: dict) -> None:
-    run, client = sqlite_run["run"], sqlite_run["client"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    curve = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: (m.step, m.timestamp))
-    metrics = json.loads((sqlite_run["out"] / "cnn.json").read_text())
-    assert [m.step for m in curve] == [1, 2, 2]  # per epoch, then the evaluate stage's final value
-    assert curve[-1].value == pytest.approx(metrics["val_acc"]) == pytest.approx(curve[-2].value)
-    for key in ("train_acc", "val_acc", "gap", "seconds_per_epoch", "images_per_second"):
-        assert run.data.metrics[key] == pytest.approx(metrics[key])
-    assert metrics["params"] == 18123
-
-
-def test_run_holds_provenance_tags(sqlite_run: dict) -> None:
-    tags = sqlite_run["run"].data.tags
-    assert tags["model"] == "cnn" and tags["dvc.stage"] == "train@test"
-    assert tags["data.archive_md5"] == "0" * 32
-    assert tags["torch.version"] == torch.__version__ and tags["device"].startswith("cpu")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert tags["mlflow.source.git.commit"] == (head or "unknown")
-    assert tags["git.dirty"] in (("true", "false") if head else ("unknown",))
-
-
-def test_run_holds_artifacts(sqlite_run: dict) -> None:
-    names = {a.path for a in sqlite_run["client"].list_artifacts(sqlite_run["run"].info.run_id)}
-    assert {"learning_curves.png", "confusion_matrix.png", "parameters.md", "per_class.json", "params.yaml"} <= names
-
-
-def test_logged_model_gives_the_checkpoint_logits(sqlite_run: dict, cifar3_dir: Path) -> None:
-    logged = mlflow.pytorch.load_model(sqlite_run["run"].data.tags["model_uri"])
-    model, meta = load_checkpoint(sqlite_run["out"] / "cnn.pt")
-    x = normalize(load_split(cifar3_dir / "val.npz").images[:5], meta["mean"], meta["std"], torch.device("cpu"))
-    with torch.no_grad():
-        np.testing.assert_allclose(logged(x).numpy(), model(x).numpy(), rtol=0, atol=1e-6)
-
-
-def test_failing_training_ends_failed(tmp_path: Path, cifar3_dir: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for name in ("train.npz", "stats.json"):
-        (bad / name).write_bytes((cifar3_dir / name).read_bytes())
-    with np.load(cifar3_dir / "val.npz") as z:
-        np.savez(bad / "val.npz", **{**z, "labels": np.full_like(z["labels"], 7)})  # no class 7: fails in epoch 1
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = stage("train", {"MLFLOW_TRACKING_URI": uri}, "--params", tiny_params(tmp_path), "--model", "cnn",
-                 "--train", bad / "train.npz", "--val", bad / "val.npz", "--stats", bad / "stats.json",
-                 "--checkpoint", tmp_path / "cnn.pt", "--history", tmp_path / "h.csv", "--run-info", tmp_path / "r.json")
-    assert done.returncode != 0
-    runs = MlflowClient(uri).search_runs([mlflow.set_tracking_uri(uri) or mlflow.get_experiment_by_name("cifar3").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert not (tmp_path / "cnn.pt").exists()
-
-
-def test_interrupt_ends_killed(tmp_path: Path) -> None:
-    experiment = tracking.connect({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}, tmp_path, "x")
-    with pytest.raises(KeyboardInterrupt), tracking.run(experiment) as active:
+def test_interrupt_ends_killed_and_error_ends_failed(store: str, tmp_path: Path) -> None:
+    experiment = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    with pytest.raises(KeyboardInterrupt), tracking.run(experiment) as killed:
         raise KeyboardInterrupt
-    assert MlflowClient().get_run(active.info.run_id).info.status == "KILLED"
+    with pytest.raises(ValueError), tracking.run(experiment) as failed:
+        raise ValueError
+    client = MlflowClient(store)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+
+
+def test_missing_run_is_one_line_error(store: str, tmp_path: Path) -> None:
+    tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    with pytest.raises(StageError, match="cannot open MLflow run 0123"), tracking.run(run_id="0123" + "0" * 28):
+        pass
+
+
+def test_flatten_names_keys_as_params_yaml_does() -> None:
+    cfg = ModelParams(arch="fc", activation="tanh", hidden=(8, 4))
+    assert tracking.flatten("models.fc", cfg) == {"models.fc.arch": "fc", "models.fc.activation": "tanh",
+                                                  "models.fc.hidden": "[8, 4]"}  # conv keys (None) are left out
+    assert tracking.flatten("", list(CIFAR3_CLASSES)) == {"": "[airplane, automobile, ship]"}
+
+
+def test_provenance_tags_name_code_data_and_device(tmp_path: Path) -> None:
+    tags = tracking.provenance_tags({"DVC_STAGE": "train@cnn", "DVC_EXP_NAME": "e1"}, tmp_path, "f" * 32, "cpu (x)")
+    assert tags["mlflow.source.git.commit"] == "unknown" and tags["git.dirty"] == "unknown"  # not a git repo
+    assert tags["dvc.stage"] == "train@cnn" and tags["dvc.exp_name"] == "e1" and tags["data.archive_md5"] == "f" * 32
+
+
+def test_logged_model_loads_back_with_the_same_logits(store: str, tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()
+    example = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    experiment = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    with tracking.run(experiment):
+        uri = tracking.log_model(model, example)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(mlflow.pytorch.load_model(uri)(x).numpy(), model(x).numpy(), rtol=0, atol=1e-6)
 
 
 def free_port() -> int:
@@ -130,26 +82,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_server_fails_fast_naming_the_uri(tmp_path: Path, cifar3_dir: Path) -> None:
+def test_unreachable_server_fails_fast_naming_the_uri() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    done = stage("train", {"MLFLOW_TRACKING_URI": uri}, "--params", tiny_params(tmp_path), "--model", "cnn",
-                 "--train", cifar3_dir / "train.npz", "--val", cifar3_dir / "val.npz", "--stats", cifar3_dir / "stats.json",
-                 "--checkpoint", tmp_path / "cnn.pt", "--history", tmp_path / "h.csv", "--run-info", tmp_path / "r.json")
-    assert done.returncode == 1 and time.monotonic() - start < 60
-    assert uri in done.stderr.strip().splitlines()[-1]
-    with pytest.raises(StageError, match="unreachable"):
+    with pytest.raises(StageError, match=f"{uri} is unreachable"):
         tracking.check_reachable(uri)
-
-
-def test_default_store_follows_dvc_root(tmp_path: Path) -> None:
-    assert tracking.tracking_uri({}, tracking.repo_root({"DVC_ROOT": str(tmp_path)}, Path("/elsewhere"))) == \
-        f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.tracking_uri({"MLFLOW_TRACKING_URI": "http://team:5000"}, tmp_path) == "http://team:5000"
+    assert time.monotonic() - start < 10
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -167,26 +109,14 @@ def mlflow_server(tmp_path: Path):
     yield uri
     server.terminate()
     server.wait(timeout=30)
+    mlflow.set_tracking_uri(None)
 
 
-def test_runs_reach_a_real_tracking_server(mlflow_server: str, tmp_path: Path, cifar3_dir: Path) -> None:
-    train_and_evaluate(tmp_path, cifar3_dir, tiny_params(tmp_path), {"MLFLOW_TRACKING_URI": mlflow_server}, model="fc")
-    run_id = json.loads((tmp_path / "fc.run.json").read_text())["run_id"]
-    run = MlflowClient(mlflow_server).get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["param_count"] == "3737603"
-    assert "val_acc" in run.data.metrics
-    assert "confusion_matrix.png" in {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)}
-
-
-def test_missing_run_is_one_line_error(tmp_path: Path) -> None:
-    tracking.connect({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}, tmp_path, "x")
-    with pytest.raises(StageError, match="cannot open MLflow run 0123"), tracking.run(run_id="0123" + "0" * 28):
-        pass
-
-
-def test_compare_refuses_models_its_deps_do_not_name() -> None:
-    from stages.compare import check_models
-
-    check_models(["fc", "cnn"], ["cnn", "fc"])
-    with pytest.raises(StageError, match="update compare's --models"):
-        check_models(["fc", "cnn"], ["fc", "cnn", "wide"])
+def test_runs_and_artifacts_reach_a_real_tracking_server(mlflow_server: str, tmp_path: Path) -> None:
+    experiment = tracking.connect({"MLFLOW_TRACKING_URI": mlflow_server}, tmp_path, "cifar3")
+    with tracking.run(experiment, tags={"model": "cnn"}) as active:
+        mlflow.log_metric("val_acc", 0.5, step=1)
+    tracking.log_figures(active.info.run_id, {"x.png": __import__("matplotlib.figure").figure.Figure()})
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(active.info.run_id).info.status == "FINISHED"
+    assert "x.png" in {a.path for a in client.list_artifacts(active.info.run_id)}

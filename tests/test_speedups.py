@@ -1,4 +1,4 @@
-"""The CPU fast paths (pool before activation, channels_last, oneDNN Linear) compute what the plain model does."""
+"""Every speed trick computes what the plain computation does (pool first, channels_last, oneDNN Linear)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.models import ConvNet, build_model
-from stages.params import ModelParams, TrainParams
-from stages.runtime import set_seed
-from stages.train import setup_training, train_epoch
+from cifar3study import speedups
+from cifar3study.device import seed_everything, set_numerics
+from cifar3study.models import ConvNet, build_model
+from cifar3study.params import ModelParams, TrainParams
+from cifar3study.training import setup_training, train_epoch
 
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 
@@ -30,7 +31,7 @@ def plain_linears(model: nn.Module) -> nn.Module:
     """A copy whose Linear layers are torch's own nn.Linear: the unoptimised reference."""
     plain = copy.deepcopy(model)
     for module in plain.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, speedups.OneDnnLinear):
             module.__class__ = nn.Linear
     return plain
 
@@ -54,6 +55,8 @@ def test_fast_fc_matches_plain_linear() -> None:
     torch.manual_seed(0)
     fast = build_model(ModelParams(arch="fc", activation="tanh", hidden=(256, 64)), 3)
     plain = plain_linears(fast)
+    assert any(isinstance(m, speedups.OneDnnLinear) for m in fast.modules())
+    assert not any(isinstance(m, speedups.OneDnnLinear) for m in plain.modules())
     assert list(fast.state_dict()) == list(plain.state_dict())
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))
     for model in (fast, plain):
@@ -63,9 +66,14 @@ def test_fast_fc_matches_plain_linear() -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
+def set_seed(seed: int) -> None:
+    seed_everything(seed)
+    set_numerics(deterministic=True, tf32=False)
+
+
 def trained_step(channels_last: bool) -> dict[str, torch.Tensor]:
     """Weights after one SGD epoch of a single batch, the way `fit` trains."""
-    set_seed(0, deterministic=True)
+    set_seed(0)
     model = build_model(cnn_cfg("tanh"), 3)
     optimizer, generator, _ = setup_training(model, train_cfg(channels_last))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))
@@ -85,7 +93,7 @@ def test_cpu_training_is_bitwise_repeatable(arch: str) -> None:
     cfg = cnn_cfg("tanh") if arch == "cnn" else ModelParams(arch="fc", activation="tanh", hidden=(256, 64))
 
     def run() -> list[torch.Tensor]:
-        set_seed(0, deterministic=True)
+        set_seed(0)
         model = build_model(cfg, 3)
         optimizer, generator, channels_last = setup_training(model, train_cfg(True))
         x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 3, (64,))
@@ -105,3 +113,11 @@ def test_fast_cnn_on_cuda_gives_plain_logits() -> None:
     x = torch.randn(8, 3, 32, 32, device="cuda")
     fast.to(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), plain(x), rtol=0, atol=1e-5)
+
+
+def test_use_channels_last_moves_conv_models_only() -> None:
+    cnn, fc = build_model(cnn_cfg("tanh"), 3), build_model(ModelParams(arch="fc", activation="tanh", hidden=(8,)), 3)
+    assert speedups.use_channels_last(cnn, True) is True
+    assert cnn.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert speedups.use_channels_last(fc, True) is False
+    assert speedups.use_channels_last(build_model(cnn_cfg("tanh"), 3), False) is False

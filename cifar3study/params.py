@@ -10,11 +10,12 @@ import contextlib
 import dataclasses
 import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
-from stages.common import StageError
+from cifar3study.errors import StageError
 
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -107,6 +108,14 @@ class EvaluateParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisualizeParams:
+    model: str
+
+    def validate(self, prefix: str) -> None:
+        pass  # checked against the models section in parse_params
+
+
+@dataclasses.dataclass(frozen=True)
 class MlflowParams:
     experiment: str
 
@@ -120,6 +129,7 @@ class Params:
     models: dict[str, ModelParams]
     train: TrainParams
     evaluate: EvaluateParams
+    visualize: VisualizeParams
     mlflow: MlflowParams
 
 
@@ -167,7 +177,8 @@ def _section(cls: type, raw: object, prefix: str) -> object:
 def parse_params(raw: object) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`."""
     _check(isinstance(raw, dict), "(top level)", "must be a mapping")
-    sections = {"data": DataParams, "models": None, "train": TrainParams, "evaluate": EvaluateParams, "mlflow": MlflowParams}
+    sections = {"data": DataParams, "models": None, "train": TrainParams, "evaluate": EvaluateParams,
+                "visualize": VisualizeParams, "mlflow": MlflowParams}
     for key in raw:
         _check(key in sections, key, f"is not a known section (known: {', '.join(sections)})")
     for key in sections:
@@ -177,13 +188,17 @@ def parse_params(raw: object) -> Params:
     for name in models:
         valid = re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) is not None
         _check(valid, f"models.{name}", "name must be lowercase letters, digits, _")
-    return Params(
+    params = Params(
         data=_section(DataParams, raw["data"], "data"),
         models={name: _section(ModelParams, cfg, f"models.{name}") for name, cfg in models.items()},
         train=_section(TrainParams, raw["train"], "train"),
         evaluate=_section(EvaluateParams, raw["evaluate"], "evaluate"),
+        visualize=_section(VisualizeParams, raw["visualize"], "visualize"),
         mlflow=_section(MlflowParams, raw["mlflow"], "mlflow"),
     )
+    drawn = params.models.get(params.visualize.model)
+    _check(drawn is not None and drawn.arch == "cnn", "visualize.model", "must name a model with arch: cnn")
+    return params
 
 
 def load_params(path: Path) -> Params:
@@ -201,3 +216,8 @@ def model_params(params: Params, name: str) -> ModelParams:
     if name not in params.models:
         raise ParamError(f"params.yaml: models.{name} does not exist (known: {', '.join(params.models)}); add it or pick another")
     return params.models[name]
+
+
+def archive_source(data: DataParams, env: Mapping[str, str]) -> tuple[str, str]:
+    """The archive's URL and MD5: params, unless CIFAR10_URL / CIFAR10_MD5 are set (mirrors)."""
+    return env.get("CIFAR10_URL") or data.url, (env.get("CIFAR10_MD5") or data.md5).lower()

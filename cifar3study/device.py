@@ -1,9 +1,7 @@
-"""Device choice, seeding and numerics, set once per process."""
+"""The training device, seeds and numerics: resolved once per process and passed in."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
 import random
@@ -11,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from stages.common import StageError
+from cifar3study.errors import StageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,43 +22,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def set_seed(seed: int, deterministic: bool, tf32: bool = False) -> None:
-    """Seed every generator; with `deterministic`, refuse nondeterministic kernels.
-
-    cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call to be
-    deterministic, so it is set here, before any tensor reaches the GPU.
-    """
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_numerics(deterministic: bool, tf32: bool) -> None:
+    """Deterministic kernels (or not) and TF32, for this process.
+
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call to be
+    deterministic, so call this before any tensor reaches the GPU.
+    """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
-    # Deterministic mode also NaN-fills every new tensor, a debugging aid that
-    # determinism does not need: it was ~13% of an FC training step on the CPU.
-    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def keep_freed_memory(max_block: int = 32 << 20, keep: int = 256 << 20) -> bool:
-    """Ask glibc to reuse freed blocks up to `max_block` bytes instead of unmapping them.
-
-    Training frees and re-allocates the same large gradient buffers every step
-    (12 MiB for the FC net's first layer); by default glibc returns them to the
-    OS and the next step pays page faults again (10-30% of an FC step on the CPU).
-    Up to `keep` bytes of free heap stay mapped. Returns False off glibc.
-    """
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, max_block)) and bool(libc.mallopt(m_trim_threshold, keep))
-    except (OSError, AttributeError):
-        return False
 
 
 def device_name(device: torch.device) -> str:

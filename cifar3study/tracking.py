@@ -1,4 +1,4 @@
-"""MLflow: where runs go, what each model's run is tagged with, and how it ends.
+"""MLflow: where runs go, what each model's run holds, and how it ends.
 
 The default store is SQLite at the repository root. DVC runs queued and
 temp-dir experiments in `.dvc/tmp/exps/...` and sets DVC_ROOT to the real
@@ -9,7 +9,6 @@ the runs in a directory DVC deletes afterwards.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import urllib.error
@@ -22,10 +21,15 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from stages.common import StageError
+from cifar3study.errors import StageError
+from cifar3study.history import EpochRecord
+from cifar3study.models import count_params, layer_table
+from cifar3study.params import Params
 
 EXPERIMENT_NOTE = (
     "CIFAR-3, fully connected net vs small CNN. Each `dvc repro` adds one run per model (tag `model`) "
@@ -156,13 +160,43 @@ def log_model(model: torch.nn.Module, example: np.ndarray, name: str = "model") 
     return info.model_uri
 
 
-def read_run_info(path: Path, required: tuple[str, ...] = ("run_id",)) -> dict:
-    """The small JSON a train stage leaves for later stages: its run id, device and speed."""
-    try:
-        info = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StageError(f"cannot read {path} ({err}); rerun its train stage") from err
-    missing = [key for key in required if not isinstance(info, dict) or key not in info]
-    if missing:
-        raise StageError(f"{path} lacks {', '.join(missing)}; rerun its train stage")
-    return info
+
+def log_training_setup(name: str, params: Params, model: torch.nn.Module) -> None:
+    """Every value the train stage read, and the model's size, before training starts."""
+    n_params = count_params(model)
+    mlflow.log_params({**flatten(f"models.{name}", params.models[name]), **flatten("train", params.train),
+                       **flatten("evaluate", params.evaluate), **flatten("mlflow", params.mlflow),
+                       "data.classes": flatten("", params.data.classes)[""], "param_count": n_params})
+    mlflow.log_metric("param_count", n_params)
+    mlflow.log_text(layer_table(model), "parameters.md")
+
+
+def log_epoch(row: EpochRecord) -> None:
+    mlflow.log_metrics({"train_loss": row.train_loss, "train_acc_running": row.train_acc_running,
+                        "val_loss": row.val_loss, "val_acc": row.val_acc}, step=row.epoch)
+
+
+def log_evaluation(run_id: str, step: int, metrics: Mapping[str, float], per_class: Mapping[str, Mapping]) -> None:
+    """Final metrics at the last epoch's step, so they end the learning curves they share a name with."""
+    with run(run_id=run_id):
+        mlflow.log_metrics(dict(metrics), step=step)
+        mlflow.log_metrics({f"val_f1_{c}": r["f1"] for c, r in per_class.items()}, step=step)
+        mlflow.log_dict(dict(per_class), "per_class.json")
+
+
+def log_figures(run_id: str, figures: dict[str, Figure], folder: str = "") -> None:
+    """Figures into a run that may have ended (their PNGs overwrite earlier ones of the same name)."""
+    client = MlflowClient()
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"{folder}/{name}" if folder else name)
+
+
+def log_comparison(experiment_id: str, rows: list[dict], run_ids: dict[str, str], files: list[Path]) -> None:
+    """A `comparison` run: each model's headline numbers as `<model>.<metric>`, and the report files."""
+    tags = {"kind": "comparison", **{f"run.{name}": rid for name, rid in run_ids.items()}}
+    with run(experiment_id, run_name="comparison", tags=tags):
+        for row in rows:
+            mlflow.log_metrics({f"{row['model']}.{k}": float(v) for k, v in row.items() if k != "model"})
+        for path in files:
+            if path.is_file():
+                mlflow.log_artifact(str(path))

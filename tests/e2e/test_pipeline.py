@@ -1,7 +1,8 @@
 """End to end: the real `dvc` CLI runs the whole pipeline in a temp copy of the repo.
 
 The archive is a tiny synthetic one served over loopback HTTP, and training
-is two short epochs, so the full pipeline runs in about a minute.
+is two short epochs, so the full pipeline runs in about a minute. Tests run
+in file order on one repo: later ones change it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import FileServer, archive_files, write_archive
+from tests.helpers import ROOT, FileServer, archive_files, write_archive
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
@@ -50,7 +50,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     md5 = write_archive(archive, archive_files(n_per_class=8))
     server.files["/cifar-10-python.tar.gz"] = archive.read_bytes()
     repo = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # what a commit of the tree would hold
+    tracked = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,8 @@ def test_repro_builds_every_output(repo: Path, first_repro: str) -> None:
     assert {"download", "cifar3", "stats", "train@fc", "train@cnn", "evaluate@fc", "evaluate@cnn", "compare",
             "visualize"} <= ran(first_repro)
     for path in ("dvc.lock", "data/metrics/fc.json", "data/metrics/cnn.json", "reports/comparison.md",
-                 "reports/comparison.csv", "reports/accuracy_vs_params.png", "data/history/cnn.csv", "data/plots/kernels.png"):
+                 "reports/comparison.csv", "reports/learning_curves.csv", "reports/accuracy_vs_params.png",
+                 "data/history/cnn.csv", "data/runs/cnn.json", "data/plots/kernels.png"):
         assert (repo / path).is_file(), path
     table = (repo / "reports/comparison.md").read_text()
     assert "3,737,603" in table and "18,123" in table
@@ -103,6 +105,22 @@ def test_metrics_show_lists_both_models(repo: Path, first_repro: str) -> None:
     assert files["data/metrics/cnn.json"]["data"]["params"] == 18_123
 
 
+def stale(repo: Path) -> set[str]:
+    """Stages `dvc status` says would rerun."""
+    return set(json.loads(sh(repo, "dvc", "status", "--json")))
+
+
+def test_editing_figure_code_reruns_no_training(repo: Path, first_repro: str) -> None:
+    figures = repo / "cifar3study" / "figures.py"
+    original = figures.read_text()
+    figures.write_text(original.replace('ylabel="validation accuracy"', 'ylabel="val. accuracy"'))
+    try:
+        assert stale(repo) == {"compare", "visualize"}
+    finally:
+        figures.write_text(original)
+    assert stale(repo) == set()
+
+
 def test_experiment_reruns_only_training_and_is_listed(repo: Path, first_repro: str) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline results")
@@ -123,3 +141,14 @@ def test_temp_experiment_logs_to_the_repo_store(repo: Path, first_repro: str) ->
         uris = db.execute("select r.artifact_uri from runs r join tags t on t.run_uuid = r.run_uuid "
                           "where t.key = 'dvc.exp_name' and t.value = 'one-epoch'").fetchall()
     assert uris and all(uri.removeprefix("file://").startswith(str(repo / "mlruns")) for (uri,) in uris)
+
+
+def test_a_new_params_entry_is_trained_evaluated_and_compared(repo: Path, first_repro: str) -> None:
+    """The model list lives in params.yaml only: no dvc.yaml edit."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"]["small_fc"] = {"arch": "fc", "hidden": [16], "activation": "relu"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = sh(repo, "dvc", "repro")
+    assert {"train@small_fc", "evaluate@small_fc", "compare"} <= ran(output)
+    assert ran(output).isdisjoint({"train@fc", "train@cnn", "evaluate@fc", "evaluate@cnn"})
+    assert "small_fc" in (repo / "reports/comparison.md").read_text()

@@ -1,6 +1,6 @@
 """Training speed: the project's trainer against the original study's DataLoader loop.
 
-    .venv/bin/python -m tests.benchmarks.train_speed --train data/cifar3/train.npz \
+    .venv/bin/python -m cifar3study.benchmark --train data/cifar3/train.npz \
         --stats data/cifar3/stats.json [--json out.json] [--epochs 3] [--warmup 1] [--rounds 1]
 
 Each (model, variant) runs in its own child process (this module with --variant),
@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from stages.datasets import load_split, load_stats, normalize
-from stages.models import ConvNet, build_fc, build_model
-from stages.params import ModelParams, TrainParams, load_params, model_params
-from stages.runtime import device_name, resolve_device, set_seed, synchronize
-from stages.train import setup_training, train_epoch
+from cifar3study.dataset import normalize, read_split, read_stats
+from cifar3study.device import device_name, resolve_device, seed_everything, set_numerics, synchronize
+from cifar3study.models import ConvNet, build_fc, build_model
+from cifar3study.params import ModelParams, TrainParams, load_params, model_params
+from cifar3study.training import setup_training, train_epoch
 
-log = logging.getLogger("train_speed")
+log = logging.getLogger("benchmark")
 MODELS = ("fc", "cnn")
 VARIANTS = ("project", "original")
 
@@ -75,9 +75,10 @@ def timed_epochs(run_epoch: Callable[[], object], device: torch.device, warmup: 
 
 def project_epochs(cfg: ModelParams, train: TrainParams, args: argparse.Namespace, device: torch.device) -> list[float]:
     """The stage's path: seeded, whole split as one normalised tensor, `fit`'s setup."""
-    set_seed(train.seed, train.deterministic, train.tf32)
-    split, (mean, std) = load_split(args.train), load_stats(args.stats)
-    x, y = normalize(split.images, mean, std, device), torch.from_numpy(split.labels).to(device)
+    seed_everything(train.seed)
+    set_numerics(train.deterministic, train.tf32)
+    split, stats = read_split(args.train), read_stats(args.stats)
+    x, y = normalize(split.images, stats, device), torch.from_numpy(split.labels).to(device)
     model = build_model(cfg, len(split.classes)).to(device)
     optimizer, generator, channels_last = setup_training(model, train)
     return timed_epochs(lambda: train_epoch(model, optimizer, x, y, train.batch_size, generator, channels_last),
@@ -100,8 +101,9 @@ def original_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: D
 def original_epochs(cfg: ModelParams, train: TrainParams, args: argparse.Namespace, device: torch.device) -> list[float]:
     """The study's loop: DataLoader(batch 64, shuffle) over per-item PIL transforms, plain model, SGD."""
     torch.manual_seed(train.seed)
-    split, (mean, std) = load_split(args.train), load_stats(args.stats)
-    loader = DataLoader(OriginalDataset(split.images, split.labels, mean, std), batch_size=64, shuffle=True, num_workers=0)
+    split, stats = read_split(args.train), read_stats(args.stats)
+    loader = DataLoader(OriginalDataset(split.images, split.labels, list(stats.mean), list(stats.std)), batch_size=64,
+                        shuffle=True, num_workers=0)
     classes = len(split.classes)
     plain = ConvNet(cfg, classes, pool_first=False) if cfg.arch == "cnn" else build_fc(cfg, classes, linear=nn.Linear)
     model = plain.to(device)
@@ -122,7 +124,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
     """Run one variant in a fresh interpreter; its last stdout line is its JSON result."""
-    cmd = [sys.executable, "-m", "tests.benchmarks.train_speed", "--variant", variant, "--model", model,
+    cmd = [sys.executable, "-m", "cifar3study.benchmark", "--variant", variant, "--model", model,
            "--params", str(args.params), "--train", str(args.train), "--stats", str(args.stats),
            "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--device", args.device]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -173,7 +175,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         results.append(spawn(args, model, variant))
         log.info("%s/%s: %s s", model, variant, " ".join(f"{s:.2f}" for s in results[-1]["seconds"]))
     dvc_s, dvc_note = dvc_noop_seconds(args.skip_dvc)
-    rows = summarise(results, len(load_split(args.train).labels))
+    rows = summarise(results, len(read_split(args.train).labels))
     return {"rows": rows, "runs": results, "dvc_noop_s": dvc_s, "dvc_note": dvc_note,
             "epochs": args.epochs, "warmup": args.warmup, "rounds": args.rounds}
 

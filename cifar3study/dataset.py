@@ -1,0 +1,88 @@
+"""The CIFAR-3 split files and their channel statistics: one writer and one reader each.
+
+A split is an .npz of uint8 images (N x 3 x 32 x 32), int64 labels 0..k-1,
+the class names in label order, and the MD5 of the archive it came from;
+it loads with allow_pickle=False. The stats file is JSON: per-channel mean
+and sample std of the training images scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar3study.errors import StageError
+from cifar3study.files import atomic_path, write_json_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N x 3 x 32 x 32
+    labels: np.ndarray  # int64, N
+    classes: tuple[str, ...]
+    source_md5: str  # MD5 of the CIFAR-10 archive the split came from
+
+
+def write_split(path: Path, split: Split) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=split.images, labels=split.labels, classes=np.array(split.classes),
+                 source_md5=np.array(split.source_md5))
+
+
+def read_split(path: Path) -> Split:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), str(z["source_md5"]))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise StageError(f"cannot read split {path} ({err}); rerun `dvc repro cifar3`") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelStats:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def channel_stats(images: np.ndarray) -> ChannelStats:
+    """Mean and sample std per channel of uint8 N x C x H x W images scaled to [0, 1].
+
+    Sums run in float64 one channel at a time, so 15,000 images need no
+    float copy of the whole split.
+    """
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        x = images[:, c].astype(np.float64) / 255.0
+        m = x.sum() / n
+        mean.append(float(m))
+        std.append(float(np.sqrt(((x - m) ** 2).sum() / (n - 1))))
+    return ChannelStats(tuple(mean), tuple(std))
+
+
+def write_stats(path: Path, stats: ChannelStats) -> None:
+    write_json_atomic(path, {"mean": list(stats.mean), "std": list(stats.std)})
+
+
+def read_stats(path: Path) -> ChannelStats:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ChannelStats(tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["std"]))
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise StageError(f"cannot read channel stats {path} ({err}); rerun `dvc repro stats`") from err
+
+
+def normalize(images: np.ndarray, stats: ChannelStats, device: torch.device) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 on `device`, scaled to [0, 1] then standardised.
+
+    Same arithmetic as torchvision's ToTensor + Normalize, done once for the
+    whole split instead of once per image per epoch.
+    """
+    x = torch.from_numpy(images).to(device).float().div_(255.0)
+    m = torch.tensor(stats.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(stats.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)

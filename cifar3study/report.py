@@ -1,0 +1,34 @@
+"""The comparison of every model of one pipeline run: a table, as markdown and CSV."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+
+from cifar3study.evaluation import ModelMetrics
+from cifar3study.history import EpochRecord
+
+COLUMNS = ["model", "params", "train_acc", "val_acc", "gap", "seconds_per_epoch"]
+
+
+def comparison_table(metrics: dict[str, ModelMetrics]) -> pd.DataFrame:
+    """One row per model, smallest first."""
+    rows = [{"model": name, **dataclasses.asdict(m)} for name, m in metrics.items()]
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values("params", ignore_index=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = table.assign(params=table["params"].map("{:,}".format))
+    body = shown.to_markdown(index=False, floatfmt=".4f", colalign=["left"] + ["right"] * (len(COLUMNS) - 1))
+    return "# CIFAR-3: FC vs CNN\n\n" + body + "\n"
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False)
+
+
+def curves_table(histories: dict[str, list[EpochRecord]]) -> pd.DataFrame:
+    """Every model's per-epoch curves in one long table: the file `dvc plots` draws."""
+    rows = [{"model": name, **dataclasses.asdict(row)} for name, history in histories.items() for row in history]
+    return pd.DataFrame(rows).drop(columns="seconds")

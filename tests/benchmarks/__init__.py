@@ -1,1 +1,0 @@
-"""Speed benchmarks, run by hand (see README), never by pytest."""

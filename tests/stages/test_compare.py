@@ -1,0 +1,45 @@
+"""`python -m stages.compare`: every model of params.yaml in the report, figures in each model's run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+from tests.helpers import last_line, run_stage
+from tests.stages.conftest import Outputs
+
+
+def compare(outputs: Outputs, out_dir: Path, params: Path | None = None):
+    root = outputs.root
+    return run_stage("compare", "--params", params or outputs.params, "--metrics-dir", root / "metrics",
+                     "--runs-dir", root / "runs", "--history-dir", root / "history", "--eval-dir", root / "eval",
+                     "--out-dir", out_dir, env=outputs.env())
+
+
+def test_report_and_figures(outputs: Outputs, tmp_path: Path) -> None:
+    done = compare(outputs, tmp_path / "reports")
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "reports" / "comparison.md").read_text()
+    assert table.index("18,123") < table.index("3,737,603")
+    curves = (tmp_path / "reports" / "learning_curves.csv").read_text().splitlines()
+    assert curves[0].startswith("model,epoch,") and len(curves) == 1 + 2 * 2
+    client = MlflowClient(outputs.uri)
+    for model in ("fc", "cnn"):
+        run_id = json.loads((outputs.root / "runs" / f"{model}.json").read_text())["run_id"]
+        assert {"learning_curves.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(run_id)}
+    experiment = client.get_experiment_by_name("cifar3").experiment_id
+    comparison = client.search_runs([experiment], "tags.kind = 'comparison'")
+    assert comparison and comparison[0].data.metrics["cnn.params"] == 18_123
+
+
+def test_a_model_in_params_without_outputs_is_one_line(outputs: Outputs, tmp_path: Path) -> None:
+    raw = yaml.safe_load(outputs.params.read_text())
+    raw["models"]["wide"] = {**raw["models"]["fc"], "hidden": [2048]}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    line = last_line(compare(outputs, tmp_path / "reports", params))
+    assert "wide.json" in line and "rerun its evaluate stage" in line
+    assert not (tmp_path / "reports").exists()

@@ -1,0 +1,36 @@
+"""`python -m stages.evaluate`: metrics of exactly what was saved, added to the train run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from cifar3study.evaluation import read_metrics
+from tests.stages.conftest import Outputs
+
+
+def test_metrics_file_and_run_agree(outputs: Outputs) -> None:
+    for model, params in (("fc", 3_737_603), ("cnn", 18_123)):
+        metrics = read_metrics(outputs.root / "metrics" / f"{model}.json")
+        assert metrics.params == params and 0 <= metrics.val_acc <= 1
+        run_id = json.loads((outputs.root / "runs" / f"{model}.json").read_text())["run_id"]
+        run = MlflowClient(outputs.uri).get_run(run_id)
+        for key in ("train_acc", "val_acc", "gap", "val_macro_f1", "seconds_per_epoch", "images_per_second"):
+            assert run.data.metrics[key] == pytest.approx(getattr(metrics, key)), key
+        assert run.info.status == "FINISHED"
+
+
+def test_final_metrics_end_the_learning_curves(outputs: Outputs) -> None:
+    run_id = json.loads((outputs.root / "runs" / "cnn.json").read_text())["run_id"]
+    curve = sorted(MlflowClient(outputs.uri).get_metric_history(run_id, "val_acc"), key=lambda m: (m.step, m.timestamp))
+    assert [m.step for m in curve] == [1, 2, 2]  # per epoch, then the evaluate stage's final value
+    assert curve[-1].value == pytest.approx(read_metrics(outputs.root / "metrics" / "cnn.json").val_acc)
+
+
+def test_per_class_and_confusion_files(outputs: Outputs) -> None:
+    per_class = json.loads((outputs.root / "eval" / "cnn" / "per_class.json").read_text())
+    assert list(per_class) == ["airplane", "automobile", "ship"]
+    rows = (outputs.root / "eval" / "cnn" / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + sum(r["support"] for r in per_class.values())

@@ -1,0 +1,58 @@
+"""Checkpoints: what is saved is what loads, typed; foreign or interrupted files fail cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar3study.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cifar3study.dataset import ChannelStats
+from cifar3study.errors import StageError
+from cifar3study.models import build_model
+from cifar3study.params import ModelParams
+from tests.helpers import CIFAR3_CLASSES
+
+CNN = ModelParams(arch="cnn", activation="tanh", hidden=(32,), channels=(16, 8), kernel_size=3, padding=1, pool=2)
+META = CheckpointMeta(CNN, CIFAR3_CLASSES, ChannelStats((0.5,) * 3, (0.25,) * 3))
+
+
+def test_round_trip_of_a_channels_last_model(tmp_path: Path) -> None:
+    """Weights come back bitwise; logits agree to float rounding (NCHW and NHWC use different kernels)."""
+    model = build_model(CNN, 3)
+    model.to(memory_format=torch.channels_last)  # as trained
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, model, META)
+    rebuilt, meta = load_checkpoint(path)
+    assert meta == META
+    for (key, saved), loaded in zip(model.state_dict().items(), rebuilt.state_dict().values(), strict=True):
+        assert torch.equal(saved, loaded), key
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=1e-6)
+    assert not rebuilt.training
+    assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]  # no temp file left
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+
+    def save_then_interrupt(obj: object, f: object) -> None:
+        real_save(obj, f)  # the temp file is complete on disk when Ctrl-C lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "x.pt", build_model(CNN, 3), META)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_foreign_checkpoint_is_one_line_error(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "x.pt"
+    if content is None:
+        torch.save({"state_dict": {}, "config": {"arch": "fc"}}, path)  # loads, but is not ours
+    else:
+        path.write_bytes(content)
+    with pytest.raises(StageError, match="is not a checkpoint of this project"):
+        load_checkpoint(path)

@@ -1,0 +1,55 @@
+"""dvc.yaml: each stage depends on exactly the modules it runs, and on nothing of its own outputs."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def imported_modules(module: str) -> set[str]:
+    """`module` and every cifar3study module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / (name.replace(".", "/") + ".py")).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "cifar3study":
+                todo += [f"cifar3study.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cifar3study."):
+                todo.append(node.module)
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("cifar3study.")]
+    return seen
+
+
+@pytest.mark.parametrize("name", list(DVC["stages"]))
+def test_code_deps_are_exactly_the_imported_modules(name: str) -> None:
+    stage = DVC["stages"][name].get("do", DVC["stages"][name])
+    module = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+    expected = {m.replace(".", "/") + ".py" for m in imported_modules(module)}
+    listed = {d for d in stage["deps"] if d.endswith(".py")}
+    assert listed == expected, f"{name}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
+
+
+def test_no_stage_imports_another() -> None:
+    for path in (ROOT / "stages").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("stages"), f"{path.name} imports {node.module}"
+
+
+def test_training_does_not_depend_on_figure_code() -> None:
+    deps = set(DVC["stages"]["train"]["do"]["deps"])
+    assert not {"cifar3study/figures.py", "cifar3study/conv_views.py", "cifar3study/report.py",
+                "cifar3study/evaluation.py"} & deps

@@ -1,0 +1,25 @@
+"""The learning-curve CSV: typed records round-trip; a foreign file fails in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cifar3study.errors import StageError
+from cifar3study.history import EpochRecord, read_history, write_history
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    rows = [EpochRecord(1, 1.0986, 0.34, 1.05, 0.41, 2.5), EpochRecord(2, 0.9, 0.5, 0.95, 0.52, 2.25)]
+    write_history(tmp_path / "h.csv", rows)
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "epoch,train_loss,train_acc_running,val_loss,val_acc,seconds"
+    assert read_history(tmp_path / "h.csv") == rows
+
+
+@pytest.mark.parametrize("text", ["epoch,loss\n1,2\n",
+                                  "epoch,train_loss,train_acc_running,val_loss,val_acc,seconds\n1,x,0,0,0,0\n"])
+def test_foreign_file_is_one_line(tmp_path: Path, text: str) -> None:
+    (tmp_path / "h.csv").write_text(text)
+    with pytest.raises(StageError, match="rerun its train stage"):
+        read_history(tmp_path / "h.csv")

@@ -1,0 +1,38 @@
+"""The run-info record: every field is checked before a later stage uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cifar3study.errors import StageError
+from cifar3study.run_info import RunInfo, read_run_info, write_run_info
+
+INFO = RunInfo("a" * 32, "cpu (x86_64, 2 threads)", 100, 1.5, 10_000.0)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    write_run_info(tmp_path / "r.json", INFO)
+    assert read_run_info(tmp_path / "r.json") == INFO
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"run_id": None}, "run_id is None, not a str"),
+    ({"epochs": "100"}, "epochs is '100', not a int"),
+    ({"epochs": True}, "epochs is True, not a int"),
+    ({"seconds_per_epoch": "fast"}, "seconds_per_epoch is 'fast', not a float"),
+])
+def test_malformed_field_is_named(tmp_path: Path, change: dict, needle: str) -> None:
+    (tmp_path / "r.json").write_text(json.dumps({**INFO.__dict__, **change}))
+    with pytest.raises(StageError, match=needle):
+        read_run_info(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize(("text", "needle"), [("{}", "lacks run_id"), ("[1]", "not a run-info record"),
+                                              ("{", "cannot read")])
+def test_missing_or_unreadable(tmp_path: Path, text: str, needle: str) -> None:
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(StageError, match=needle):
+        read_run_info(tmp_path / "r.json")
