@@ -1,8 +1,10 @@
 """The CIFAR-10 python archive: checked before it is read, read without extracting, cut to the kept classes.
 
-Its MD5 is verified before anything in it is opened, every tar member is
-checked (no links, devices, absolute or `..` paths) before any is read, and
-the batches go through `safe_pickle`, never `pickle.load`.
+Its size and MD5 are checked before anything in it is opened; every tar
+member is checked (no links, devices, absolute or `..` paths, nothing larger
+than a batch) before it is read; the batches go through `safe_pickle`, never
+`pickle.load`; and the decoded data must look like CIFAR-10 (distinct class
+names, labels in range, every kept class present) before a split is written.
 """
 
 from __future__ import annotations
@@ -13,20 +15,32 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cifar3study import safe_pickle
+from cifar3study.cifar10_format import (
+    BATCH_DIR,
+    IMAGE_BYTES,
+    IMAGES_PER_BATCH,
+    MAX_ARCHIVE_BYTES,
+    MAX_MEMBER_BYTES,
+    MAX_MEMBERS,
+    MAX_PICKLE_OPCODES,
+    META,
+    TRAIN_BATCHES,
+    VAL_BATCH,
+)
 from cifar3study.dataset import Split
-from cifar3study.errors import StageError
+from cifar3study.errors import StageError, quote
 from cifar3study.files import file_md5
 
-BATCH_DIR = "cifar-10-batches-py"
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-VAL_BATCH = "test_batch"
-META = "batches.meta"
+NOT_CIFAR = "the archive is not CIFAR-10 python format"
 
 
 def verify(archive: Path, md5: str) -> None:
-    """Refuse to read an archive whose MD5 is not the expected one."""
+    """Refuse to read an archive that is too large or whose MD5 is not the expected one."""
     if not archive.is_file():
         raise StageError(f"{archive} does not exist; run `dvc repro download` first")
+    if archive.stat().st_size > MAX_ARCHIVE_BYTES:
+        raise StageError(f"{archive} is {archive.stat().st_size:,} bytes, more than any CIFAR-10 archive "
+                         f"({MAX_ARCHIVE_BYTES:,}); delete it and download again")
     got = file_md5(archive)
     if got != md5:
         raise StageError(f"{archive} has MD5 {got}, expected {md5}; "
@@ -34,27 +48,41 @@ def verify(archive: Path, md5: str) -> None:
 
 
 def check_member(member: tarfile.TarInfo) -> None:
-    """Refuse absolute paths, `..`, links and devices (stricter than tarfile's data filter)."""
+    """Refuse absolute paths, `..`, links, devices (stricter than tarfile's data filter) and oversized files."""
+    name = quote(member.name)
     if not (member.isfile() or member.isdir()):
-        raise StageError(f"archive member {member.name!r} is a link or device; refusing the archive")
+        raise StageError(f"archive member {name} is a link or device; refusing the archive")
     path = PurePosixPath(member.name)
     if path.is_absolute() or ".." in path.parts:
-        raise StageError(f"archive member {member.name!r} has an absolute path or '..'; refusing the archive")
+        raise StageError(f"archive member {name} has an absolute path or '..'; refusing the archive")
+    if member.size > MAX_MEMBER_BYTES:
+        raise StageError(f"archive member {name} declares {member.size:,} bytes, more than a CIFAR batch "
+                         f"({MAX_MEMBER_BYTES:,}); refusing the archive")
     try:
         tarfile.data_filter(member, "/nonexistent-destination")
     except tarfile.FilterError as err:
-        raise StageError(f"archive member {member.name!r} refused ({err.__class__.__name__}); refusing the archive") from err
+        raise StageError(f"archive member {name} refused ({err.__class__.__name__}); refusing the archive") from err
+
+
+def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Every member, checked as it is met; stops at MAX_MEMBERS rather than scanning a bomb to its end."""
+    members = []
+    for member in tar:
+        check_member(member)
+        members.append(member)
+        if len(members) > MAX_MEMBERS:
+            raise StageError(f"archive has more than {MAX_MEMBERS} members; it is not the CIFAR-10 python archive")
+    return members
 
 
 def read_batches(archive: Path) -> dict[str, bytes]:
-    """The raw bytes of the meta and batch files, every member checked first."""
+    """The raw bytes of the meta and batch files, every member checked before any is read."""
     wanted = {f"{BATCH_DIR}/{name}" for name in (*TRAIN_BATCHES, VAL_BATCH, META)}
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
-                check_member(member)
-            files = {m.name: tar.extractfile(m).read() for m in members if m.name in wanted and m.isfile()}
+            members = _members(tar)
+            files = {m.name: tar.extractfile(m).read(MAX_MEMBER_BYTES) for m in members
+                     if m.name in wanted and m.isfile()}
     except (tarfile.TarError, OSError, EOFError) as err:
         raise StageError(f"{archive} is not a readable .tar.gz ({err}); delete it and download again") from err
     missing = sorted(wanted - files.keys())
@@ -65,29 +93,46 @@ def read_batches(archive: Path) -> dict[str, bytes]:
 
 def unpickle(data: bytes, what: str) -> dict:
     try:
-        return safe_pickle.load_dict(data)
+        return safe_pickle.load_dict(data, MAX_PICKLE_OPCODES)
     except Exception as err:
         raise StageError(
             f"{what} is not a valid CIFAR batch ({err}); the archive is corrupt or malicious, delete it and download again"
         ) from err
 
 
-def batch_arrays(batch: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N x 3 x 32 x 32, labels int64) of one unpickled batch."""
+def batch_arrays(batch: dict, what: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N x 3 x 32 x 32, labels int64) of one unpickled batch; sizes checked before conversion."""
     data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise StageError(f"{what}: 'data' is not a uint8 N x 3072 array; the archive is not CIFAR-10 python format")
-    labels = np.asarray(labels)
-    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise StageError(f"{what}: 'labels' does not match 'data'; the archive is not CIFAR-10 python format")
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != IMAGE_BYTES:
+        raise StageError(f"{what}: 'data' is not a uint8 N x {IMAGE_BYTES} array; {NOT_CIFAR}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data) or len(data) > IMAGES_PER_BATCH:
+        raise StageError(f"{what}: 'labels' do not match 'data' (at most {IMAGES_PER_BATCH:,} each); {NOT_CIFAR}")
+    integers = all(type(v) is int for v in labels) if isinstance(labels, list) else labels.dtype.kind in "iu"
+    if not integers:
+        raise StageError(f"{what}: 'labels' are not integers; {NOT_CIFAR}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise StageError(f"{what}: label {labels.min() if labels.min() < 0 else labels.max()} is outside "
+                         f"0..{n_classes - 1}; {NOT_CIFAR}")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
-def class_indices(label_names: list[str], classes: tuple[str, ...]) -> list[int]:
-    unknown = [c for c in classes if c not in label_names]
+def label_names(meta: dict) -> list[str]:
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise StageError(f"{META} has no list of label_names; {NOT_CIFAR}")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise StageError(f"{META} names class {quote(twice[0])} more than once; {NOT_CIFAR}")
+    return names
+
+
+def class_indices(names: list[str], classes: tuple[str, ...]) -> list[int]:
+    unknown = [c for c in classes if c not in names]
     if unknown:
-        raise StageError(f"data.classes names unknown class {', '.join(unknown)}; CIFAR-10 has {', '.join(label_names)}")
-    return [label_names.index(c) for c in classes]
+        raise StageError(f"data.classes names unknown class {quote(unknown[0])}; "
+                         f"the archive has {quote(', '.join(names))}")
+    return [names.index(c) for c in classes]
 
 
 def select(images: np.ndarray, labels: np.ndarray, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -101,14 +146,14 @@ def select(images: np.ndarray, labels: np.ndarray, keep: list[int]) -> tuple[np.
 
 def build_splits(files: dict[str, bytes], classes: tuple[str, ...], source_md5: str) -> dict[str, Split]:
     """{'train': Split, 'val': Split} of `classes`, relabelled 0..k-1 in their order."""
-    names = unpickle(files[META], META).get("label_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise StageError(f"{META} has no list of label_names; the archive is not CIFAR-10 python format")
+    names = label_names(unpickle(files[META], META))
     keep = class_indices(names, classes)
     splits = {}
     for split, batches in (("train", TRAIN_BATCHES), ("val", (VAL_BATCH,))):
-        parts = [batch_arrays(unpickle(files[n], n), n) for n in batches]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        splits[split] = Split(*select(images, labels, keep), classes, source_md5)
+        parts = [batch_arrays(unpickle(files[n], n), n, len(names)) for n in batches]
+        images, labels = select(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), keep)
+        empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
+        if empty:
+            raise StageError(f"the {split} batches hold no image of class {quote(empty[0])}; {NOT_CIFAR}")
+        splits[split] = Split(images, labels, classes, source_md5)
     return splits

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from cifar3study.dataset import normalize, read_split, read_stats
+from cifar3study.dataset import read_split, read_stats
 from cifar3study.device import device_name, resolve_device, seed_everything, set_numerics, synchronize
-from cifar3study.models import ConvNet, build_fc, build_model
+from cifar3study.models import ConvNet, build_fc, build_model, normalize
 from cifar3study.params import ModelParams, TrainParams, load_params, model_params
 from cifar3study.training import setup_training, train_epoch
 

@@ -17,9 +17,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cifar3study.checkpoint import CheckpointMeta
-from cifar3study.dataset import Split, normalize
+from cifar3study.dataset import Split
 from cifar3study.errors import StageError
-from cifar3study.models import ConvNet
+from cifar3study.models import ConvNet, normalize
 
 MAX_COLUMNS = 16  # wider layers wrap onto more rows rather than shrinking every map to a dot
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the usual RGB -> grey weights

@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cifar3study.errors import StageError
 from cifar3study.files import atomic_path, write_json_atomic
@@ -34,12 +33,30 @@ def write_split(path: Path, split: Split) -> None:
                  source_md5=np.array(split.source_md5))
 
 
+def _problem(split: Split) -> str | None:
+    """What makes `split` unusable for training, if anything."""
+    images, labels, k = split.images, split.labels, len(split.classes)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, 32, 32) or len(images) == 0:
+        return f"images are {images.dtype} {images.shape}, not uint8 N x 3 x 32 x 32"
+    if labels.dtype != np.int64 or labels.shape != (len(images),):
+        return f"labels are {labels.dtype} {labels.shape}, not int64 of length {len(images)}"
+    if k == 0 or labels.min() < 0 or labels.max() >= k:
+        return f"labels span {labels.min()}..{labels.max()}, not 0..{k - 1}"
+    empty = [c for i, c in enumerate(split.classes) if not (labels == i).any()]
+    return f"no image of class {empty[0]!r}" if empty else None
+
+
 def read_split(path: Path) -> Split:
+    """A split, checked: uint8 images, int64 labels in range, every class present."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), str(z["source_md5"]))
+            split = Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), str(z["source_md5"]))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise StageError(f"cannot read split {path} ({err}); rerun `dvc repro cifar3`") from err
+    problem = _problem(split)
+    if problem:
+        raise StageError(f"{path} is not a usable split ({problem}); rerun `dvc repro cifar3`")
+    return split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +92,3 @@ def read_stats(path: Path) -> ChannelStats:
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise StageError(f"cannot read channel stats {path} ({err}); rerun `dvc repro stats`") from err
 
-
-def normalize(images: np.ndarray, stats: ChannelStats, device: torch.device) -> torch.Tensor:
-    """uint8 N x C x H x W -> float32 on `device`, scaled to [0, 1] then standardised.
-
-    Same arithmetic as torchvision's ToTensor + Normalize, done once for the
-    whole split instead of once per image per epoch.
-    """
-    x = torch.from_numpy(images).to(device).float().div_(255.0)
-    m = torch.tensor(stats.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(stats.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)

@@ -53,6 +53,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def describe(device: torch.device) -> dict[str, str]:
+    """What ran, as provenance tags: CUDA versions only for a CUDA device (a CPU run used none)."""
+    tags = {"device": device_name(device), "device.type": device.type, "torch.version": torch.__version__}
+    if device.type == "cuda":
+        tags["cuda.version"] = torch.version.cuda or "unknown"
+        tags["cudnn.version"] = str(torch.backends.cudnn.version())
+    return tags
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so wall-clock timings cover the work."""
     if device.type == "cuda":

@@ -1,17 +1,20 @@
-"""Fetch the CIFAR-10 archive and verify its MD5.
+"""Fetch the CIFAR-10 archive and verify its MD5, with bounded time and size.
 
 The archive goes to `<target>.part` first (resumed with an HTTP Range request
 after a cut transfer) and is renamed over the target only once its MD5 is
-right, so the target either is the verified archive or does not exist.
+right, so the target either is the verified archive or does not exist. The
+whole download, retries included, must finish within a deadline, and no
+more bytes are accepted than a CIFAR-10 archive can have: a trickling or
+lying server costs neither hours nor disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import http.client
 import logging
 import os
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -21,7 +24,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from cifar3study.errors import StageError
+from cifar3study.cifar10_format import MAX_ARCHIVE_BYTES
+from cifar3study.errors import StageError, quote
 from cifar3study.files import file_md5
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,19 @@ CHUNK = 1 << 20
 
 class TransientError(Exception):
     """A failure worth retrying: connection trouble, a cut transfer, HTTP 5xx."""
+
+
+class OversizeError(StageError):
+    """The source is bigger than any CIFAR-10 archive: its partial file is worthless."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    timeout: float  # seconds, connect and each read
+    retries: int  # attempts before giving up on transient errors
+    deadline: float  # seconds for the whole download, retries included
+    max_bytes: int = MAX_ARCHIVE_BYTES
+    backoff: float = 1.0  # seconds before the first retry, doubled after each
 
 
 def local_source(url: str) -> Path | None:
@@ -41,7 +58,7 @@ def local_source(url: str) -> Path | None:
         return Path(urllib.parse.unquote(parsed.path))
     if parsed.scheme == "" or len(parsed.scheme) == 1:  # a path, maybe a Windows drive letter
         return Path(url)
-    raise StageError(f"unsupported URL scheme '{parsed.scheme}' in {url}; use http(s)://, file:// or a local path")
+    raise StageError(f"unsupported URL scheme {quote(parsed.scheme)} in {quote(url)}; use http(s)://, file:// or a path")
 
 
 def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
@@ -56,7 +73,8 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
             raise TransientError(f"HTTP {err.code} {err.reason}") from err
         if err.code == 416:  # our partial file is not a prefix of theirs: start over
             raise
-        raise StageError(f"download of {url} failed: HTTP {err.code} {err.reason}; check data.url or CIFAR10_URL") from err
+        raise StageError(f"download of {quote(url)} failed: HTTP {err.code} {quote(err.reason)}; "
+                         "check data.url or CIFAR10_URL") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         raise TransientError(str(getattr(err, "reason", err)) or type(err).__name__) from err
 
@@ -67,79 +85,111 @@ def _resume_offset(response: http.client.HTTPResponse, offset: int, part: Path) 
         return 0
     if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
         part.unlink()
-        raise TransientError(f"server resumed at {response.headers.get('Content-Range')!r}, not byte {offset}; restarting")
+        raise TransientError(f"server resumed at {quote(response.headers.get('Content-Range'))}, not byte {offset}")
     return offset
 
 
-def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm) -> int:
-    """Append the body to `out`; network errors are transient, write errors (disk full) are not."""
+def _announced_total(response: http.client.HTTPResponse, offset: int, limits: Limits) -> int | None:
+    length = response.headers.get("Content-Length")
+    total = offset + int(length) if length and length.isdigit() else None
+    if total is not None and total > limits.max_bytes:
+        raise OversizeError(f"the server announces {total:,} bytes, more than any CIFAR-10 archive "
+                         f"({limits.max_bytes:,}); check data.url or CIFAR10_URL")
+    return total
+
+
+def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm, room: int, stop_at: float) -> int:
+    """Append the body to `out`; network errors are transient, write errors (disk full) are not.
+
+    read1 returns whatever has arrived, so a trickle still meets the deadline check.
+    """
     received = 0
     while True:
+        if time.monotonic() > stop_at:
+            raise StageError("the download did not finish within data.deadline seconds; the partial file is kept, "
+                             "rerun to resume or raise data.deadline")
         try:
-            block = response.read(CHUNK)
+            block = response.read1(CHUNK)
         except (http.client.HTTPException, OSError) as err:
             raise TransientError(f"transfer cut ({err})") from err
         if not block:
             return received
-        out.write(block)
         received += len(block)
+        if received > room:
+            raise OversizeError("the server sent more bytes than any CIFAR-10 archive has; check data.url or CIFAR10_URL")
+        out.write(block)
         bar.update(len(block))
 
 
-def fetch_http(url: str, part: Path, timeout: float) -> None:
+def fetch_http(url: str, part: Path, limits: Limits, stop_at: float) -> None:
     """One attempt: append the rest of `url` to `part`, resuming where it ends."""
     offset = part.stat().st_size if part.exists() else 0
     try:
-        response = _open(url, offset, timeout)
+        response = _open(url, offset, min(limits.timeout, max(stop_at - time.monotonic(), 0.1)))
     except urllib.error.HTTPError:
         part.unlink(missing_ok=True)
         raise TransientError("server refused to resume (HTTP 416); restarting") from None
     with response:
         offset = _resume_offset(response, offset, part)
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=part.name, disable=None
-        ) as bar:
-            size = offset + _copy_body(response, out, bar)
+        total = _announced_total(response, offset, limits)
+        with open(part, "ab" if offset else "wb") as out, \
+                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name, disable=None) as bar:
+            size = offset + _copy_body(response, out, bar, limits.max_bytes - offset, stop_at)
     if total is not None and size < total:
         raise TransientError(f"transfer cut after {size} of {total} bytes")
 
 
-def fetch_with_retries(url: str, part: Path, timeout: float, retries: int, backoff: float) -> None:
-    for attempt in range(1, retries + 1):
+def fetch_with_retries(url: str, part: Path, limits: Limits, stop_at: float) -> None:
+    for attempt in range(1, limits.retries + 1):
         try:
-            fetch_http(url, part, timeout)
+            fetch_http(url, part, limits, stop_at)
             return
         except TransientError as err:
-            if attempt == retries:
-                raise StageError(
-                    f"download of {url} failed after {retries} attempts: {err}; check the network or the mirror and rerun"
-                    " (it resumes the partial file)"
-                ) from err
-            delay = backoff * 2 ** (attempt - 1)
-            log.warning("attempt %d/%d failed (%s); retrying in %.1f s", attempt, retries, err, delay)
+            delay = limits.backoff * 2 ** (attempt - 1)
+            if attempt == limits.retries or time.monotonic() + delay > stop_at:
+                raise StageError(f"download of {quote(url)} failed after {attempt} attempts: {err}; check the network "
+                                 "or the mirror and rerun (it resumes the partial file)") from err
+            log.warning("attempt %d/%d failed (%s); retrying in %.1f s", attempt, limits.retries, err, delay)
             time.sleep(delay)
 
 
-def copy_local(source: Path, part: Path) -> None:
+def copy_local(source: Path, part: Path, max_bytes: int) -> None:
     if not source.is_file():
-        raise StageError(f"archive {source} does not exist; check data.url or CIFAR10_URL")
+        raise StageError(f"archive {quote(str(source))} does not exist; check data.url or CIFAR10_URL")
+    if source.stat().st_size > max_bytes:
+        raise OversizeError(f"{quote(str(source))} is {source.stat().st_size:,} bytes, more than any CIFAR-10 archive; "
+                         "check data.url or CIFAR10_URL")
     with open(source, "rb") as src, open(part, "wb") as dst:
-        shutil.copyfileobj(src, dst, CHUNK)
+        while block := src.read(CHUNK):
+            dst.write(block)
 
 
 def verify_md5(path: Path, expected: str) -> None:
     got = file_md5(path)
     if got != expected:
         path.unlink()
-        raise StageError(
-            f"checksum mismatch for {path.name}: expected MD5 {expected}, got {got}; the file was deleted,"
-            " check data.md5 / CIFAR10_MD5 or the source"
-        )
+        raise StageError(f"checksum mismatch for {path.name}: expected MD5 {expected}, got {got}; the file was deleted, "
+                         "check data.md5 / CIFAR10_MD5 or the source")
 
 
-def download(url: str, target: Path, md5: str, timeout: float, retries: int, backoff: float = 1.0) -> bool:
+def _fetch(url: str, part: Path, limits: Limits) -> None:
+    source = local_source(url)
+    try:
+        if source is None:
+            fetch_with_retries(url, part, limits, time.monotonic() + limits.deadline)
+        else:
+            copy_local(source, part, limits.max_bytes)
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StageError(f"no space left on device writing {part}; free some space and rerun") from err
+        raise StageError(f"cannot write {part}: {err.strerror or err}") from err
+    except OversizeError:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def download(url: str, target: Path, md5: str, limits: Limits) -> bool:
     """Make `target` the archive at `url` with MD5 `md5`; False if it already was."""
     target, md5 = Path(target), md5.lower()
     if target.is_file():
@@ -150,20 +200,9 @@ def download(url: str, target: Path, md5: str, timeout: float, retries: int, bac
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    source = local_source(url)
     log.info("fetching %s -> %s", url, target)
-    try:
-        if source is None:
-            fetch_with_retries(url, part, timeout, retries, backoff)
-        else:
-            copy_local(source, part)
-    except OSError as err:
-        part.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StageError(f"no space left on device writing {part}; free some space and rerun") from err
-        raise StageError(f"cannot write {part}: {err.strerror or err}") from err
+    _fetch(url, part, limits)
     verify_md5(part, md5)
     os.replace(part, target)
     log.info("verified MD5 %s", md5)
     return True
-

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from torch import nn
 
+from cifar3study.dataset import ChannelStats
 from cifar3study.errors import StageError
 from cifar3study.params import ModelParams
 from cifar3study.speedups import OneDnnLinear, pool_then_activate
 
 IMAGE_SHAPE = (3, 32, 32)
 ACTIVATION_LAYERS = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+
+
+def normalize(images: np.ndarray, stats: ChannelStats, device: torch.device) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 on `device`, scaled to [0, 1] then standardised.
+
+    Same arithmetic as torchvision's ToTensor + Normalize, done once for the
+    whole split instead of once per image per epoch.
+    """
+    x = torch.from_numpy(images).to(device).float().div_(255.0)
+    m = torch.tensor(stats.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(stats.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
 
 
 def conv_output_size(n: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import yaml
 
-from cifar3study.errors import StageError
+from cifar3study.errors import StageError, quote
 
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ARCHS = ("fc", "cnn")
 CONV_KEYS = ("channels", "kernel_size", "padding", "pool")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
+MD5_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 class ParamError(StageError):
@@ -29,6 +32,7 @@ class ParamError(StageError):
 
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
+        key = quote(key).strip("'")
         raise ParamError(f"params.yaml: {key} {why}; fix it in params.yaml or with `dvc exp run -S {key}=...`")
 
 
@@ -38,12 +42,14 @@ class DataParams:
     md5: str
     timeout: float
     retries: int
+    deadline: float
     classes: tuple[str, ...]
 
     def validate(self, prefix: str) -> None:
-        _check(re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None, f"{prefix}.md5", "must be 32 lowercase hex digits")
+        _check(MD5_PATTERN.fullmatch(self.md5) is not None, f"{prefix}.md5", "must be 32 lowercase hex digits")
         _check(self.timeout > 0, f"{prefix}.timeout", "must be > 0 seconds")
         _check(self.retries >= 1, f"{prefix}.retries", "must be >= 1")
+        _check(self.deadline >= self.timeout, f"{prefix}.deadline", "must be >= data.timeout seconds")
         _check(len(self.classes) >= 2, f"{prefix}.classes", "must name at least 2 classes")
         _check(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", "must not repeat a class")
 
@@ -96,7 +102,7 @@ class TrainParams:
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(self.momentum >= 0, f"{prefix}.momentum", "must be >= 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _check(self.seed >= 0, f"{prefix}.seed", "must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED, f"{prefix}.seed", f"must be between 0 and {MAX_SEED}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +156,7 @@ def _coerce(value: object, hint: object, key: str) -> object:
             with contextlib.suppress(ValueError):
                 value = float(value)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number")
+        _check(math.isfinite(value), key, "must be a finite number")
         return float(value)
     elif hint is str:
         _check(isinstance(value, str), key, "must be a string")
@@ -201,10 +208,24 @@ def parse_params(raw: object) -> Params:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ParamError(f"params.yaml: key {quote(key)} is given twice (line {key_node.start_mark.line + 1}); "
+                                 "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path) -> Params:
     """Read and validate params.yaml."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except OSError as err:
         raise StageError(f"cannot read params file {path}: {err.strerror}; run from the repository root") from err
     except yaml.YAMLError as err:
@@ -220,4 +241,7 @@ def model_params(params: Params, name: str) -> ModelParams:
 
 def archive_source(data: DataParams, env: Mapping[str, str]) -> tuple[str, str]:
     """The archive's URL and MD5: params, unless CIFAR10_URL / CIFAR10_MD5 are set (mirrors)."""
-    return env.get("CIFAR10_URL") or data.url, (env.get("CIFAR10_MD5") or data.md5).lower()
+    md5 = (env.get("CIFAR10_MD5") or data.md5).lower()
+    if MD5_PATTERN.fullmatch(md5) is None:
+        raise ParamError(f"CIFAR10_MD5 is {quote(md5)}, not 32 hex digits; set it to the mirror's MD5 or unset it")
+    return env.get("CIFAR10_URL") or data.url, md5

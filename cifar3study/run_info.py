@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from cifar3study.errors import StageError, quote
@@ -19,6 +20,7 @@ class RunInfo:
     images_per_second: float
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 _TYPES = {"run_id": str, "device": str, "epochs": int, "seconds_per_epoch": float, "images_per_second": float}
 
 
@@ -42,4 +44,6 @@ def read_run_info(path: Path) -> RunInfo:
         ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and type(value) is int)
         if not ok:
             raise StageError(f"{path}: {key} is {quote(value)}, not a {kind.__name__}; rerun its train stage")
+    if not RUN_ID.fullmatch(raw["run_id"]):
+        raise StageError(f"{path}: run_id {quote(raw['run_id'])} is not an MLflow run id; rerun its train stage")
     return RunInfo(**{key: kind(raw[key]) for key, kind in _TYPES.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from typing import ClassVar
 
 import numpy as np
@@ -88,11 +89,23 @@ def _resolve(value: object) -> object:
     return value
 
 
-def load_dict(data: bytes) -> dict:
+def check_opcode_count(data: bytes, limit: int) -> None:
+    """Refuse a pickle of more than `limit` opcodes before anything is built.
+
+    Unpickled objects grow with the opcode count (each memo reference adds an
+    element for two bytes of input), while large data come as single opcodes.
+    """
+    for count, _ in enumerate(pickletools.genops(data), start=1):
+        if count > limit:
+            raise pickle.UnpicklingError(f"more than {limit:,} pickle operations; no CIFAR batch has that many")
+
+
+def load_dict(data: bytes, max_opcodes: int) -> dict:
     """A pickled dict (Python 2 pickle, hence latin1) whose arrays are plain integer numpy arrays.
 
     Raises pickle.UnpicklingError (or whatever a malformed stream raises) on anything else.
     """
+    check_opcode_count(data, max_opcodes)
     obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     if not isinstance(obj, dict):
         raise pickle.UnpicklingError(f"it holds a {type(obj).__name__}, not a dict")

@@ -14,9 +14,10 @@ import logging
 import os
 from pathlib import Path
 
+import mlflow
 from matplotlib.figure import Figure
 
-from cifar3study import evaluation, figures, report, tracking
+from cifar3study import evaluation, figures, report, run_logging, tracking
 from cifar3study.cli import run_stage
 from cifar3study.files import atomic_path, write_text_atomic
 from cifar3study.history import EpochRecord, read_history
@@ -44,6 +45,8 @@ def main() -> None:
     names = list(params.models)
     metrics = {n: evaluation.read_metrics(args.metrics_dir / f"{n}.json") for n in names}
     runs = {n: read_run_info(args.runs_dir / f"{n}.json") for n in names}
+    for name, info in runs.items():
+        tracking.model_run(info.run_id, experiment_id, name)
     histories = {n: read_history(args.history_dir / f"{n}.csv") for n in names}
     per_model = {n: model_figures(n, histories[n], args.eval_dir) for n in names}
     table = report.comparison_table(metrics)
@@ -55,10 +58,15 @@ def main() -> None:
     with atomic_path(out["png"]) as tmp:
         figures.save_png(figures.accuracy_vs_params(metrics), tmp)
     for name, figs in per_model.items():
-        tracking.log_figures(runs[name].run_id, figs)
+        run_logging.log_figures(runs[name].run_id, figs)
     files = [*out.values(), *([args.lock] if args.lock else [])]
-    tracking.log_comparison(experiment_id, table.to_dict("records"), {n: r.run_id for n, r in runs.items()}, files)
+    digest = "-".join(run_logging.params_digest(n, params)[:3] for n in names)
+    tags = {**tracking.process_tags(), **({"dvc.exp_name": os.environ["DVC_EXP_NAME"]} if "DVC_EXP_NAME" in os.environ
+                                         else {})}
+    run_logging.log_comparison(experiment_id, run_logging.run_name("comparison", os.environ, digest),
+                               table.to_dict("records"), {n: r.run_id for n, r in runs.items()}, files, tags)
     log.info("\n%s", report.to_markdown(table))
+    log.info("in MLflow (`mlflow ui`): %s", tracking.runs_page(mlflow.get_tracking_uri(), experiment_id))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from cifar3study.cli import run_stage
-from cifar3study.download import download
+from cifar3study.download import Limits, download
 from cifar3study.params import archive_source, load_params
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
     data = load_params(args.params).data
     url, md5 = archive_source(data, os.environ)
-    download(url, args.out, md5, data.timeout, data.retries)
+    download(url, args.out, md5, Limits(data.timeout, data.retries, data.deadline))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import logging
 import os
 from pathlib import Path
 
-from cifar3study import evaluation, tracking
+from cifar3study import evaluation, run_logging, tracking
 from cifar3study.checkpoint import load_checkpoint
 from cifar3study.cli import run_stage
-from cifar3study.dataset import normalize, read_split
+from cifar3study.dataset import read_split
 from cifar3study.device import resolve_device
 from cifar3study.errors import StageError
-from cifar3study.models import count_params, predict
+from cifar3study.models import count_params, normalize, predict
 from cifar3study.params import load_params
 from cifar3study.run_info import read_run_info
 
@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
-    tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
+    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     info = read_run_info(args.run_info)
+    tracking.model_run(info.run_id, experiment_id, args.model)  # before any work: only this model's run is written
     device = resolve_device(params.train.device)
     model, meta = load_checkpoint(args.checkpoint)
     model.to(device)
@@ -47,7 +48,7 @@ def main() -> None:
                                        info.seconds_per_epoch, info.images_per_second)
     report = evaluation.per_class(val.labels, val_pred, meta.classes)
     logged = {k: v for k, v in dataclasses.asdict(metrics).items() if k != "params"}
-    tracking.log_evaluation(info.run_id, info.epochs, logged, {c: dataclasses.asdict(r) for c, r in report.items()})
+    run_logging.log_evaluation(info.run_id, info.epochs, logged, {c: dataclasses.asdict(r) for c, r in report.items()})
     evaluation.write_per_class(args.per_class, report)
     evaluation.write_confusion_csv(args.confusion, val.labels, val_pred, meta.classes)
     evaluation.write_metrics(args.metrics, metrics)

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from cifar3study import conv_views, figures, tracking
+from cifar3study import conv_views, figures, run_logging, tracking
 from cifar3study.checkpoint import load_checkpoint
 from cifar3study.cli import run_stage
 from cifar3study.dataset import read_split
@@ -28,12 +28,13 @@ def main() -> None:
     model, meta = load_checkpoint(args.checkpoint)
     model = conv_views.require_convnet(model, meta, str(args.checkpoint))
     split = read_split(args.val)
-    tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)  # before drawing: an unreachable store fails fast
+    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)  # fails fast, before drawing
+    tracking.model_run(info.run_id, experiment_id, params.visualize.model)
     drawn = conv_views.figures(model, meta, split)
     for name, fig in drawn.items():
         with atomic_path(args.out_dir / name) as tmp:
             figures.save_png(fig, tmp)
-    tracking.log_figures(info.run_id, drawn, "visualize")
+    run_logging.log_figures(info.run_id, drawn, "visualize")
     log.info("wrote %d figures to %s and logged them to run %s", len(drawn), args.out_dir, info.run_id)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,6 +71,7 @@ class FileServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.cut_next: list[int] = []  # byte counts after which the next responses are cut
         self.status_next: list[int] = []  # HTTP error statuses the next requests get instead of the file
+        self.hostile: str | None = None  # "trickle" (a byte every 0.2 s), "endless" (no length), "lying-length"
         self.requests: list[dict] = []
 
     def url(self, path: str) -> str:
@@ -82,8 +84,27 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def _hostile(self) -> None:
+        """Bounded misbehaviour: each loop stops by itself within seconds or a few MB."""
+        self.send_response(200)
+        if self.server.hostile == "lying-length":
+            self.send_header("Content-Length", str(10 << 30))  # claims 10 GiB
+        self.end_headers()
+        chunk, pause, rounds = (b"x", 0.2, 100) if self.server.hostile == "trickle" else (b"\0" * 65536, 0.0, 200)
+        try:
+            for _ in range(rounds):
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:
+            pass  # the client hung up, as it should
+        self.close_connection = True
+
     def do_GET(self) -> None:
         self.server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+        if self.server.hostile:
+            self._hostile()
+            return
         if self.server.status_next:
             self.send_error(self.server.status_next.pop(0))
             return

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cifar3study.archive import build_splits, read_batches, verify
+from cifar3study.archive import build_splits, read_batches, unpickle, verify
 from cifar3study.errors import StageError
 from tests.helpers import CIFAR10_CLASSES, archive_files, write_archive
 from tests.test_safe_pickle import evil_pickles
@@ -90,5 +93,80 @@ def test_classes_selected_by_name_and_relabelled_in_order(archive) -> None:
 
 
 def test_unknown_class_is_named(archive) -> None:
-    with pytest.raises(StageError, match="unknown class zebra"):
+    with pytest.raises(StageError, match="unknown class 'zebra'"):
         build_splits(read_batches(archive[0]), ("airplane", "zebra"), archive[1])
+
+
+class Zeros(io.RawIOBase):
+    """`size` zero bytes, streamed: a bomb's payload without holding it in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"\0" * n
+        self.left -= n
+        return n
+
+
+def bomb(path: Path, member_size: int) -> None:
+    """A valid archive whose data_batch_1 is `member_size` zero bytes; compresses ~1000:1."""
+    files = archive_files()
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = member_size if name == "data_batch_1" else len(blob)
+            tar.addfile(info, Zeros(member_size) if name == "data_batch_1" else io.BytesIO(blob))
+
+
+def test_compression_bomb_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.tar.gz"
+    bomb(path, 1 << 30)  # 1 GiB of zeros in a file of about 1 MB
+    assert path.stat().st_size < 8 << 20
+    start = time.monotonic()
+    with pytest.raises(StageError, match="declares 1,073,741,824 bytes, more than a CIFAR batch"):
+        read_batches(path)
+    assert time.monotonic() - start < 10  # refused from the header, not after inflating the gigabyte
+
+
+def test_archive_with_too_many_members_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "many.tar.gz"
+    write_archive(path, archive_files(), extra=[member(f"cifar-10-batches-py/x{i}") for i in range(20)])
+    with pytest.raises(StageError, match="more than 16 members"):
+        read_batches(path)
+
+
+def test_pickle_that_expands_by_reference_is_refused_unbuilt() -> None:
+    """20 MB of memo references would become a list of 10 million items: refused by its opcode count."""
+    shared = [0]
+    blob = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [shared] * 10_000_000}, protocol=2)
+    assert len(blob) < 32 << 20
+    with pytest.raises(StageError, match="more than 100,000 pickle operations"):
+        unpickle(blob, "data_batch_1")
+
+
+def meta_with(names: list[str]) -> bytes:
+    return pickle.dumps({"label_names": names}, protocol=2)
+
+
+def batch_with_labels(labels: list[int]) -> bytes:
+    return pickle.dumps({"data": np.zeros((len(labels), 3072), np.uint8), "labels": labels}, protocol=2)
+
+
+@pytest.mark.parametrize(("replace", "needle"), [
+    ({"batches.meta": meta_with(["airplane", "automobile", "ship", "ship", *CIFAR10_CLASSES[3:8]])},
+     "names class 'ship' more than once"),
+    ({"data_batch_2": batch_with_labels([0, 1, 10])}, "label 10 is outside 0..9"),
+    ({"data_batch_2": batch_with_labels([0, -1])}, "label -1 is outside 0..9"),
+    ({"test_batch": batch_with_labels([0, 1, 3, 4])}, "the val batches hold no image of class 'ship'"),
+    ({"data_batch_2": batch_with_labels([0] * 10_001)}, "at most 10,000 each"),
+    ({"data_batch_2": pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, "1"]}, protocol=2)},
+     "'labels' are not integers"),
+])
+def test_well_formed_but_wrong_data_is_one_line(replace: dict, needle: str) -> None:
+    with pytest.raises(StageError, match=re.escape(needle)):
+        build_splits({**archive_files(), **replace}, ("airplane", "automobile", "ship"), "0" * 32)

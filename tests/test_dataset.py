@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cifar3study.dataset import ChannelStats, Split, channel_stats, normalize, read_split, read_stats, write_split, write_stats
+from cifar3study.dataset import ChannelStats, Split, channel_stats, read_split, read_stats, write_split, write_stats
 from cifar3study.errors import StageError
+from cifar3study.models import normalize
 from tests.helpers import CIFAR3_CLASSES
 
 
@@ -72,3 +74,15 @@ def test_normalize_is_totensor_then_normalize() -> None:
     ref = (images / 255.0 - np.array(stats.mean)[:, None, None]) / np.array(stats.std)[:, None, None]
     assert x.dtype == torch.float32
     np.testing.assert_allclose(x.numpy(), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("labels", "needle"), [
+    (np.array([0, 1, 0, 1]), "no image of class 'ship'"),
+    (np.array([0, 1, 2, 3]), "labels span 0..3, not 0..2"),
+    (np.array([0, 1, 2], dtype=np.int64), "not int64 of length 4"),
+])
+def test_split_that_cannot_train_is_refused(tmp_path: Path, labels: np.ndarray, needle: str) -> None:
+    split = Split(random_images(4), labels.astype(np.int64), CIFAR3_CLASSES, "0" * 32)
+    write_split(tmp_path / "train.npz", split)
+    with pytest.raises(StageError, match=re.escape(needle)):
+        read_split(tmp_path / "train.npz")

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 import cifar3study.download as module
-from cifar3study.download import download
+from cifar3study.download import Limits, download
 from cifar3study.errors import StageError
 
 NAME = "cifar-10-python.tar.gz"
 
 
-def fetch(url: str, target: Path, md5: str, retries: int = 3) -> bool:
-    return download(url, target, md5, timeout=5, retries=retries, backoff=0)
+def fetch(url: str, target: Path, md5: str, retries: int = 3, **limits: float) -> bool:
+    return download(url, target, md5, Limits(**{"timeout": 5, "retries": retries, "deadline": 60, "backoff": 0, **limits}))
 
 
 def raw_dir_entries(target: Path) -> list[str]:
@@ -124,7 +125,7 @@ def test_5xx_is_retried_with_exponential_backoff(served, http_server, tmp_path: 
     http_server.status_next = [503, 502]
     sleeps: list[float] = []
     monkeypatch.setattr(module.time, "sleep", sleeps.append)  # record the backoff instead of waiting it out
-    assert download(url, tmp_path / "raw" / NAME, md5, timeout=7, retries=3, backoff=0.5) is True
+    assert download(url, tmp_path / "raw" / NAME, md5, Limits(timeout=7, retries=3, deadline=60, backoff=0.5)) is True
     assert len(http_server.requests) == 3 and sleeps == [0.5, 1.0]
     assert (tmp_path / "raw" / NAME).read_bytes() == blob
 
@@ -135,7 +136,7 @@ def test_read_timeout_is_retried_then_fails(tmp_path: Path) -> None:
         sock.listen(4)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/{NAME}"
         with pytest.raises(StageError, match=r"failed after 2 attempts.*timed out"):
-            download(url, tmp_path / "raw" / NAME, "0" * 32, timeout=0.2, retries=2, backoff=0)
+            fetch(url, tmp_path / "raw" / NAME, "0" * 32, retries=2, timeout=0.2)
 
 
 def test_skips_when_target_already_verified(served, http_server, tmp_path: Path) -> None:
@@ -154,3 +155,37 @@ def test_replaces_target_with_wrong_md5(served, tmp_path: Path) -> None:
     target.write_bytes(b"stale")
     assert fetch(url, target, md5) is True
     assert target.read_bytes() == blob
+
+
+def test_trickling_server_stops_at_the_deadline(http_server, tmp_path: Path) -> None:
+    """A byte every 0.2 s never trips the read timeout; the overall deadline stops it."""
+    http_server.hostile = "trickle"
+    start = time.monotonic()
+    with pytest.raises(StageError, match=r"did not finish within data\.deadline"):
+        fetch(http_server.url(NAME), tmp_path / "raw" / NAME, "0" * 32, timeout=1, deadline=2)
+    assert time.monotonic() - start < 6
+    assert not (tmp_path / "raw" / NAME).exists()
+
+
+def test_body_without_length_stops_at_the_size_cap(http_server, tmp_path: Path) -> None:
+    http_server.hostile = "endless"
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="more bytes than any CIFAR-10 archive"):
+        fetch(http_server.url(NAME), target, "0" * 32, max_bytes=1 << 20)
+    assert raw_dir_entries(target) == []  # the oversize partial file is deleted
+
+
+def test_lying_length_is_refused_before_reading(http_server, tmp_path: Path) -> None:
+    http_server.hostile = "lying-length"
+    target = tmp_path / "raw" / NAME
+    with pytest.raises(StageError, match="announces 10,737,418,240 bytes"):
+        fetch(http_server.url(NAME), target, "0" * 32)
+    assert len(http_server.requests) == 1 and raw_dir_entries(target) == []
+
+
+def test_oversized_local_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.tar.gz"
+    big.write_bytes(b"\0" * 4096)
+    with pytest.raises(StageError, match="more than any CIFAR-10 archive"):
+        fetch(str(big), tmp_path / "raw" / NAME, "0" * 32, max_bytes=1024)
+    assert raw_dir_entries(tmp_path / "raw" / NAME) == []

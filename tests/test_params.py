@@ -47,6 +47,12 @@ def test_repo_params_load_and_every_field_is_set(raw: dict) -> None:
     (("models", "fc", "channels"), [16], "models.fc.channels applies only to arch: cnn"),
     (("models", "cnn", "pool"), None, "models.cnn.pool must be an integer"),
     (("visualize", "model"), "fc", "visualize.model must name a model with arch: cnn"),
+    (("train", "lr"), float("inf"), "train.lr must be a finite number"),
+    (("train", "momentum"), float("inf"), "train.momentum must be a finite number"),
+    (("train", "lr"), float("nan"), "train.lr must be a finite number"),
+    (("data", "timeout"), float("inf"), "data.timeout must be a finite number"),
+    (("data", "deadline"), 1, "data.deadline must be >= data.timeout"),
+    (("train", "seed"), 2**32, "train.seed must be between 0 and 4294967295"),
     (("visualize", "model"), "wide", "visualize.model must name a model with arch: cnn"),
 ])
 def test_bad_value_names_the_key(raw: dict, path: tuple, value: object, needle: str) -> None:
@@ -96,3 +102,24 @@ def test_env_overrides_archive_source(raw: dict) -> None:
     env = {"CIFAR10_URL": "file:///m/x.tar.gz", "CIFAR10_MD5": "B" * 32}
     assert archive_source(data, env) == ("file:///m/x.tar.gz", "b" * 32)
     assert archive_source(data, {"CIFAR10_URL": "", "CIFAR10_MD5": ""}) == (data.url, data.md5)
+
+
+@pytest.mark.parametrize("text", ["train:\n  lr: 0.1\n  lr: 0.2\n", "train: {}\ntrain: {}\n"])
+def test_duplicate_yaml_keys_are_named(tmp_path: Path, text: str) -> None:
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamError, match=r"key '(lr|train)' is given twice \(line \d\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_yaml_infinity_is_refused(tmp_path: Path) -> None:
+    text = (ROOT / "params.yaml").read_text().replace("lr: 0.01", "lr: .inf")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamError, match=r"train\.lr must be a finite number"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_a_huge_unknown_key_still_gives_a_short_message(raw: dict) -> None:
+    raw["train"]["x" * 1_000_000] = 1
+    with pytest.raises(ParamError) as err:
+        parse_params(raw)
+    assert len(str(err.value)) < 400 and "is not a known key" in str(err.value)

@@ -12,6 +12,8 @@ import pytest
 from cifar3study.safe_pickle import load_dict
 from tests.helpers import synthetic_batch
 
+LIMIT = 100_000
+
 
 class SystemCall:
     """Pickles as `os.system(cmd)`: what a malicious batch would run on an unchecked pickle.load."""
@@ -34,7 +36,7 @@ def test_code_payload_is_refused_unrun(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     for payload in evil_pickles(marker):
         with pytest.raises(pickle.UnpicklingError, match=r"refused global (os|posix)\.system"):
-            load_dict(payload)
+            load_dict(payload, LIMIT)
     assert not marker.exists()
 
 
@@ -69,21 +71,28 @@ def dtype_with_object_flag() -> bytes:
 ])
 def test_unpickler_refuses_anything_but_plain_integer_arrays(blob: bytes, why: str) -> None:
     with pytest.raises((pickle.UnpicklingError, TypeError), match=why):
-        load_dict(blob)
+        load_dict(blob, LIMIT)
 
 
 def test_non_ndarray_subtype_is_refused() -> None:
     # numpy._core.multiarray._reconstruct(numpy.dtype, (0,), b'b'): an allowed global as the subtype
     blob = b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85C\x01b\x87R."
     with pytest.raises(pickle.UnpicklingError, match="refused array subtype"):
-        load_dict(blob)
+        load_dict(blob, LIMIT)
 
 
 def test_unpickler_reads_plain_arrays_exactly() -> None:
     batch = synthetic_batch(3, seed=7)
     batch["big_endian"] = np.arange(6, dtype=">i4").reshape(2, 3)
     batch["fortran"] = np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3))
-    got = load_dict(pickle.dumps(batch, protocol=2))
+    got = load_dict(pickle.dumps(batch, protocol=2), LIMIT)
     assert got["labels"] == batch["labels"] and got["filenames"] == batch["filenames"]
     for key in ("data", "big_endian", "fortran"):
         assert got[key].dtype == batch[key].dtype and np.array_equal(got[key], batch[key])
+
+
+def test_opcode_limit_is_checked_before_anything_is_built() -> None:
+    blob = pickle.dumps({"labels": list(range(200))}, protocol=2)
+    assert load_dict(blob, 1000)["labels"] == list(range(200))
+    with pytest.raises(pickle.UnpicklingError, match="more than 50 pickle operations"):
+        load_dict(blob, 50)

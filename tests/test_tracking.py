@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -10,15 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
-import torch
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
-from cifar3study import tracking
+from cifar3study import run_logging, tracking
 from cifar3study.errors import StageError
-from cifar3study.params import ModelParams
-from tests.helpers import CIFAR3_CLASSES
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -52,28 +54,11 @@ def test_missing_run_is_one_line_error(store: str, tmp_path: Path) -> None:
         pass
 
 
-def test_flatten_names_keys_as_params_yaml_does() -> None:
-    cfg = ModelParams(arch="fc", activation="tanh", hidden=(8, 4))
-    assert tracking.flatten("models.fc", cfg) == {"models.fc.arch": "fc", "models.fc.activation": "tanh",
-                                                  "models.fc.hidden": "[8, 4]"}  # conv keys (None) are left out
-    assert tracking.flatten("", list(CIFAR3_CLASSES)) == {"": "[airplane, automobile, ship]"}
-
-
 def test_provenance_tags_name_code_data_and_device(tmp_path: Path) -> None:
-    tags = tracking.provenance_tags({"DVC_STAGE": "train@cnn", "DVC_EXP_NAME": "e1"}, tmp_path, "f" * 32, "cpu (x)")
+    tags = tracking.provenance_tags({"DVC_STAGE": "train@cnn", "DVC_EXP_NAME": "e1"}, tmp_path, "f" * 32,
+                                    {"device": "cpu (x)"})
     assert tags["mlflow.source.git.commit"] == "unknown" and tags["git.dirty"] == "unknown"  # not a git repo
     assert tags["dvc.stage"] == "train@cnn" and tags["dvc.exp_name"] == "e1" and tags["data.archive_md5"] == "f" * 32
-
-
-def test_logged_model_loads_back_with_the_same_logits(store: str, tmp_path: Path) -> None:
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()
-    example = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    experiment = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
-    with tracking.run(experiment):
-        uri = tracking.log_model(model, example)
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        np.testing.assert_allclose(mlflow.pytorch.load_model(uri)(x).numpy(), model(x).numpy(), rtol=0, atol=1e-6)
 
 
 def free_port() -> int:
@@ -85,7 +70,7 @@ def free_port() -> int:
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    with pytest.raises(StageError, match=f"{uri} is unreachable"):
+    with pytest.raises(StageError, match=re.escape(f"'{uri}' is unreachable")):
         tracking.check_reachable(uri)
     assert time.monotonic() - start < 10
 
@@ -116,7 +101,98 @@ def test_runs_and_artifacts_reach_a_real_tracking_server(mlflow_server: str, tmp
     experiment = tracking.connect({"MLFLOW_TRACKING_URI": mlflow_server}, tmp_path, "cifar3")
     with tracking.run(experiment, tags={"model": "cnn"}) as active:
         mlflow.log_metric("val_acc", 0.5, step=1)
-    tracking.log_figures(active.info.run_id, {"x.png": __import__("matplotlib.figure").figure.Figure()})
+    run_logging.log_figures(active.info.run_id, {"x.png": Figure()})
     client = MlflowClient(mlflow_server)
     assert client.get_run(active.info.run_id).info.status == "FINISHED"
     assert "x.png" in {a.path for a in client.list_artifacts(active.info.run_id)}
+
+
+def test_default_store_keeps_artifacts_at_the_root_even_from_os_environ(tmp_path: Path, monkeypatch) -> None:
+    """set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; the repo-root location must survive that."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    elsewhere = tmp_path / "dvc-temp-workspace"
+    elsewhere.mkdir()
+    try:
+        experiment = tracking.connect(os.environ, elsewhere, "cifar3")
+        location = MlflowClient().get_experiment(experiment).artifact_location
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert location == (tmp_path.resolve() / "mlruns").as_uri()
+
+
+FIRST_USE = """
+import sys
+from pathlib import Path
+import mlflow
+from cifar3study import tracking
+root = Path(sys.argv[1])
+experiment = tracking.connect({"DVC_ROOT": str(root)}, root, "cifar3")
+with tracking.run(experiment, tags={"model": sys.argv[2]}):
+    for step in range(20):
+        mlflow.log_metric("val_acc", step / 20, step=step)
+"""
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_concurrent_first_use_of_a_fresh_store(tmp_path: Path, trial: int) -> None:
+    """Four processes start on a store that does not exist yet: all succeed, one experiment, four runs."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(tmp_path), f"m{i}"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-800:] for e in errors)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar3")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["model"] for r in runs) == ["m0", "m1", "m2", "m3"]
+    assert all(r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "val_acc")) == 20
+               for r in runs)
+    assert len(client.search_experiments()) == 2  # Default and cifar3
+
+
+KILLED_MIDWAY = """
+import sys, time
+from pathlib import Path
+from cifar3study import tracking
+experiment = tracking.connect({"MLFLOW_TRACKING_URI": sys.argv[1]}, Path("."), "x")
+with tracking.run(experiment, tags={"model": "cnn", **tracking.process_tags()}) as active:
+    print(active.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_run_of_a_killed_process_is_closed_by_the_next_one(store: str, tmp_path: Path) -> None:
+    victim = subprocess.Popen([sys.executable, "-c", KILLED_MIDWAY, store], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    run_id = victim.stdout.readline().strip()
+    live = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    assert tracking.close_orphaned_runs(live) == []  # still alive: left alone
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "RUNNING"  # what SIGKILL leaves behind
+    assert tracking.close_orphaned_runs(live) == [run_id]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(run_id).data.tags["ended_by"].startswith("closed as KILLED")
+
+
+def test_a_run_of_another_experiment_or_model_is_refused(store: str, tmp_path: Path) -> None:
+    mine = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "mine")
+    other = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "other")
+    with tracking.run(other, tags={"model": "cnn"}) as foreign, tracking.run(mine, tags={"model": "fc"}, nested=True) \
+            as fc_run:
+        pass
+    with pytest.raises(StageError, match="belongs to experiment"):
+        tracking.model_run(foreign.info.run_id, mine, "cnn")
+    with pytest.raises(StageError, match="model 'fc', not to this cnn run"):
+        tracking.model_run(fc_run.info.run_id, mine, "cnn")
+    assert tracking.model_run(fc_run.info.run_id, mine, "fc").info.run_id == fc_run.info.run_id
+
+
+def test_experiment_carries_the_comparison_view(store: str, tmp_path: Path) -> None:
+    experiment = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    view = json.loads(MlflowClient(store).get_experiment(experiment).tags["mlflow.sharedViewState.comparison"])
+    assert "metrics.`val_acc`" in json.loads(view["state"])["selectedColumns"]
+    page = tracking.runs_page("http://team:5000", experiment)
+    assert page == f"http://team:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" \
+                   "&viewStateShareKey=comparison"

@@ -50,3 +50,27 @@ def test_garbage_with_the_right_md5_is_one_line(tmp_path: Path) -> None:
     line = last_line(cifar3(tmp_path, path, hashlib.md5(b"garbage").hexdigest(), ["airplane", "ship"]))
     assert "is not a readable .tar.gz" in line
     assert not (tmp_path / "cifar3").exists()
+
+
+def test_compression_bomb_costs_neither_memory_nor_time(tmp_path: Path) -> None:
+    """1 GiB of zeros in a ~1 MB archive with the right MD5: refused from its header, in bounded memory."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.test_archive import bomb
+
+    path = tmp_path / "bomb.tar.gz"
+    bomb(path, 1 << 30)
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(done.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "stages.cifar3", "--params",
+                           str(tmp_path / "params.yaml"), "--archive", str(path), "--out-dir", str(tmp_path / "cifar3")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
+                                                                                       "CIFAR10_MD5": md5})
+    status, peak_kib = map(int, done.stdout.split("\n")[0].split())
+    assert status == 1 and "more than a CIFAR batch" in done.stdout
+    assert peak_kib < 300 * 1024  # the gigabyte was never inflated
+    assert not (tmp_path / "cifar3").exists()

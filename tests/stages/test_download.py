@@ -59,3 +59,9 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(archive, tmp_path: Path)
     line = last_line(done)
     assert "cannot write" in line or "no space" in line
     assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_malformed_md5_override_stops_before_any_request(http_server, tmp_path: Path) -> None:
+    line = last_line(download(tmp_path, {"CIFAR10_URL": http_server.url(NAME), "CIFAR10_MD5": "not-an-md5" * 1000}))
+    assert "CIFAR10_MD5" in line and "32 hex digits" in line and len(line) < 400
+    assert http_server.requests == [] and not (tmp_path / "raw").exists()

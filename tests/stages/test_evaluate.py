@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from cifar3study.evaluation import read_metrics
+from tests.helpers import last_line, run_stage
 from tests.stages.conftest import Outputs
 
 
@@ -34,3 +36,35 @@ def test_per_class_and_confusion_files(outputs: Outputs) -> None:
     assert list(per_class) == ["airplane", "automobile", "ship"]
     rows = (outputs.root / "eval" / "cnn" / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + sum(r["support"] for r in per_class.values())
+
+
+def evaluate(outputs: Outputs, run_info: Path, tmp_path: Path, model: str = "cnn"):
+    out = tmp_path / "out"
+    return run_stage("evaluate", "--params", outputs.params, "--model", model,
+                     "--checkpoint", outputs.root / "models" / f"{model}.pt", "--run-info", run_info,
+                     "--train", outputs.data / "train.npz", "--val", outputs.data / "val.npz",
+                     "--metrics", out / "m.json", "--per-class", out / "pc.json", "--confusion", out / "c.csv",
+                     env=outputs.env())
+
+
+def test_a_run_of_another_experiment_is_refused_and_untouched(outputs: Outputs, tmp_path: Path) -> None:
+    client = MlflowClient(outputs.uri)
+    foreign = client.create_run(client.create_experiment(f"other-{tmp_path.name}"), tags={"model": "cnn"})
+    info = json.loads((outputs.root / "runs" / "cnn.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps({**info, "run_id": foreign.info.run_id}))
+    assert "belongs to experiment" in last_line(evaluate(outputs, tmp_path / "r.json", tmp_path))
+    assert client.get_run(foreign.info.run_id).data.metrics == {}
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_record_is_one_line_and_leaves_the_run_finished(outputs: Outputs, tmp_path: Path) -> None:
+    info = json.loads((outputs.root / "runs" / "cnn.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps({**info, "epochs": "two"}))
+    assert "epochs is 'two', not a int" in last_line(evaluate(outputs, tmp_path / "r.json", tmp_path))
+    assert MlflowClient(outputs.uri).get_run(info["run_id"]).info.status == "FINISHED"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fc_run_is_refused_for_the_cnn(outputs: Outputs, tmp_path: Path) -> None:
+    line = last_line(evaluate(outputs, outputs.root / "runs" / "fc.json", tmp_path))
+    assert "model 'fc', not to this cnn run" in line

@@ -13,7 +13,7 @@ from tests.helpers import last_line, run_stage
 
 def test_writes_mean_and_std(tmp_path: Path) -> None:
     images = np.random.default_rng(1).integers(0, 256, size=(20, 3, 32, 32), dtype=np.uint8)
-    write_split(tmp_path / "train.npz", Split(images, np.zeros(20, np.int64), ("a", "b"), "0" * 32))
+    write_split(tmp_path / "train.npz", Split(images, np.arange(20, dtype=np.int64) % 2, ("a", "b"), "0" * 32))
     done = run_stage("stats", "--train", tmp_path / "train.npz", "--out", tmp_path / "stats.json")
     assert done.returncode == 0, done.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +18,9 @@ import torch
 from mlflow import MlflowClient
 
 from cifar3study.checkpoint import load_checkpoint
-from cifar3study.dataset import normalize, read_split
+from cifar3study.dataset import read_split
 from cifar3study.history import read_history
+from cifar3study.models import normalize
 from tests.helpers import ROOT, last_line, run_stage, tiny_params
 from tests.stages.conftest import Outputs, train_args
 
@@ -29,7 +34,7 @@ def test_run_holds_params_and_param_count(outputs: Outputs) -> None:
     run = cnn_run(outputs)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["param_count"] == "18123" and params["models.cnn.channels"] == "[16, 8]"
+    assert params["param_count"] == "18123" and params["model.channels"] == "[16, 8]" and params["model.name"] == "cnn"
     assert params["train.lr"] == "0.01" and params["train.epochs"] == "2" and params["evaluate.batch_size"] == "1000"
     assert params["data.classes"] == "[airplane, automobile, ship]"
     assert run.data.metrics["param_count"] == 18123
@@ -40,6 +45,7 @@ def test_run_holds_provenance_tags(outputs: Outputs) -> None:
     assert tags["model"] == "cnn" and tags["dvc.stage"] == "test"
     assert tags["data.archive_md5"] == "0" * 32
     assert tags["torch.version"] == torch.__version__ and tags["device"].startswith("cpu")
+    assert tags["device.type"] == "cpu" and "cuda.version" not in tags  # a CPU run used no CUDA
     import subprocess
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -66,19 +72,16 @@ def test_logged_model_gives_the_checkpoint_logits(outputs: Outputs) -> None:
 
 
 def test_failing_training_ends_failed_and_writes_nothing(tmp_path: Path, cifar3_dir: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for name in ("train.npz", "stats.json"):
-        (bad / name).write_bytes((cifar3_dir / name).read_bytes())
-    with np.load(cifar3_dir / "val.npz") as z:
-        np.savez(bad / "val.npz", **{**z, "labels": np.full_like(z["labels"], 7)})  # no class 7: fails in epoch 1
+    """The checkpoint cannot be written (its folder is a file): the run ends FAILED, no later output appears."""
+    (tmp_path / "models").write_text("a file where the checkpoint folder should be")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = run_stage("train", *train_args(tmp_path, bad, tiny_params(tmp_path), "cnn"), env={"MLFLOW_TRACKING_URI": uri})
-    assert done.returncode != 0
+    done = run_stage("train", *train_args(tmp_path, cifar3_dir, tiny_params(tmp_path), "cnn"),
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert "models" in last_line(done)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("cifar3").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert not (tmp_path / "models" / "cnn.pt").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "history").exists()
 
 
 def free_port() -> int:
@@ -93,3 +96,32 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path: Path, cifar3_dir
     done = run_stage("train", *train_args(tmp_path, cifar3_dir, tiny_params(tmp_path), "cnn"),
                      env={"MLFLOW_TRACKING_URI": uri})
     assert uri in last_line(done) and time.monotonic() - start < 60
+
+
+def test_a_sigkilled_training_run_is_closed_by_the_next_one(tmp_path: Path, cifar3_dir: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "stages.train", *map(str, train_args(tmp_path, cifar3_dir,
+                                                                      tiny_params(tmp_path, epochs=10_000), "cnn"))]
+    victim = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(uri), time.monotonic() + 120
+    while not (running := client.search_runs([client.get_experiment_by_name("cifar3").experiment_id])
+               if client.get_experiment_by_name("cifar3") else []):
+        assert victim.poll() is None and time.monotonic() < deadline, victim.stderr.read()[-2000:]
+        time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert client.get_run(running[0].info.run_id).info.status == "RUNNING"
+    done = run_stage("train", *train_args(tmp_path, cifar3_dir, tiny_params(tmp_path, epochs=1), "cnn"),
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get_run(running[0].info.run_id).info.status == "KILLED"
+    assert "closed run" in done.stderr
+
+
+def test_fc_and_cnn_runs_share_param_keys_and_have_distinct_names(outputs: Outputs) -> None:
+    client = MlflowClient(outputs.uri)
+    runs = {m: client.get_run(json.loads((outputs.root / "runs" / f"{m}.json").read_text())["run_id"])
+            for m in ("fc", "cnn")}
+    assert runs["fc"].data.params.keys() == runs["cnn"].data.params.keys()
+    assert runs["cnn"].info.run_name.startswith("cnn-") and runs["fc"].info.run_name.startswith("fc-")
