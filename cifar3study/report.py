@@ -28,7 +28,13 @@ def to_csv(table: pd.DataFrame) -> str:
     return table.to_csv(index=False)
 
 
-def curves_table(histories: dict[str, list[EpochRecord]]) -> pd.DataFrame:
-    """Every model's per-epoch curves in one long table: the file `dvc plots` draws."""
-    rows = [{"model": name, **dataclasses.asdict(row)} for name, history in histories.items() for row in history]
-    return pd.DataFrame(rows).drop(columns="seconds")
+CURVES = ("train_loss", "val_loss", "val_acc")
+
+
+def curves_table(histories: dict[str, list[list[EpochRecord]]]) -> pd.DataFrame:
+    """Per model and epoch, the mean, min and max over seeds of each curve: the long table `dvc plots` draws."""
+    rows = [{"model": name, **dataclasses.asdict(row)} for name, runs in histories.items() for run in runs for row in run]
+    grouped = pd.DataFrame(rows).groupby(["model", "epoch"], sort=False)[list(CURVES)]
+    table = grouped.agg(["mean", "min", "max"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    return table.reset_index()

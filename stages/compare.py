@@ -54,7 +54,7 @@ def main() -> None:
            "curves": args.out_dir / "learning_curves.csv", "png": args.out_dir / "accuracy_vs_params.png"}
     write_text_atomic(out["md"], report.to_markdown(table))
     write_text_atomic(out["csv"], report.to_csv(table))
-    write_text_atomic(out["curves"], report.to_csv(report.curves_table(histories)))
+    write_text_atomic(out["curves"], report.to_csv(report.curves_table({n: [h] for n, h in histories.items()})))
     with atomic_path(out["png"]) as tmp:
         figures.save_png(figures.accuracy_vs_params(metrics), tmp)
     for name, figs in per_model.items():

@@ -8,64 +8,19 @@ in file order on one repo: later ones change it.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import sqlite3
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT, FileServer, archive_files, write_archive
-
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-       "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
-ENV.pop("CIFAR10_URL", None)
-ENV.pop("CIFAR10_MD5", None)
-
-
-def sh(repo: Path, *cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+from tests.e2e.conftest import ran, sh
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git repo holding the project's tracked files, pointed at a synthetic archive."""
-    server = FileServer()
-    import threading
-
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    archive = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, archive_files(n_per_class=8))
-    server.files["/cifar-10-python.tar.gz"] = archive.read_bytes()
-    repo = tmp_path_factory.mktemp("repo")
-    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # what a commit of the tree would hold
-    tracked = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update({"url": server.url("cifar-10-python.tar.gz"), "md5": md5})
-    params["train"].update({"epochs": 2, "batch_size": 32})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "test copy")
-    yield repo
-    server.shutdown()
-    server.server_close()
+def repo(make_repo: Callable[..., Path]) -> Path:
+    return make_repo()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +30,7 @@ def first_repro(repo: Path) -> str:
 
 def test_repro_builds_every_output(repo: Path, first_repro: str) -> None:
     assert {"download", "cifar3", "stats", "train@fc", "train@cnn", "evaluate@fc", "evaluate@cnn", "compare",
-            "visualize"} <= ran(first_repro)
+            "visualize", "plots_page"} <= ran(first_repro)
     for path in ("dvc.lock", "data/metrics/fc.json", "data/metrics/cnn.json", "reports/comparison.md",
                  "reports/comparison.csv", "reports/learning_curves.csv", "reports/accuracy_vs_params.png",
                  "data/history/cnn.csv", "data/runs/cnn.json", "data/plots/kernels.png"):
@@ -105,6 +60,15 @@ def test_metrics_show_lists_both_models(repo: Path, first_repro: str) -> None:
     assert files["data/metrics/cnn.json"]["data"]["params"] == 18_123
 
 
+def test_plots_render_offline(repo: Path, first_repro: str) -> None:
+    """`dvc plots show` writes a page with Vega inlined: nothing to fetch from a CDN on an air-gapped box."""
+    sh(repo, "dvc", "plots", "show", "-o", "plots_out")
+    page = (repo / "plots_out" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src" not in page
+    assert "vegaEmbed" in page and page.count("min-max band)") == 2  # the two learning-curve charts
+    assert "data/eval/cnn/confusion.csv" in page
+
+
 def stale(repo: Path) -> set[str]:
     """Stages `dvc status` says would rerun."""
     return set(json.loads(sh(repo, "dvc", "status", "--json")))
@@ -129,6 +93,10 @@ def test_experiment_reruns_only_training_and_is_listed(repo: Path, first_repro: 
     assert ran(output).isdisjoint({"download", "cifar3", "stats"})
     shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json")))
     assert '"lr": 0.02' in shown and '"lr": 0.01' in shown
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        names = db.execute("select r.name from runs r join tags t on t.run_uuid = r.run_uuid "
+                           "where t.key = 'model' and t.value = 'cnn'").fetchall()
+    assert len(names) == 2 and names[0] != names[1]  # the two setups are told apart in the runs table
 
 
 def test_temp_experiment_logs_to_the_repo_store(repo: Path, first_repro: str) -> None:
