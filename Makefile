@@ -24,7 +24,7 @@ test: lint
 	python -m pytest tests -q
 
 bench: $(STAMP)
-	python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2
+	python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
 
 clean-venv:
 	rm -rf $(VENV)

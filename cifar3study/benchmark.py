@@ -1,17 +1,18 @@
-"""Training speed: the project's trainer against the original study's DataLoader loop.
+"""Training speed: the project's seed groups against the original study's DataLoader loop.
 
-    .venv/bin/python -m cifar3study.benchmark --train data/cifar3/train.npz \
-        --stats data/cifar3/stats.json [--json out.json] [--epochs 3] [--warmup 1] [--rounds 1]
+    python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json \\
+        [--groups 1 3 8] [--vmap-groups 3] [--epochs 2] [--warmup 1] [--rounds 1] [--json out.json]
 
-Each (model, variant) runs in its own child process (this module with --variant),
-so the peak RSS it reports belongs to that variant alone. Rounds interleave the
-variants, so drift in a shared machine's load hits both sides alike; the
-reported seconds are the median over every timed epoch of every round.
+Each (model, variant) runs in its own child process, so the peak RSS it
+reports is that variant's alone. Rounds interleave the variants, so drift in
+a shared machine's speed hits all alike; seconds are medians over every timed
+epoch of every round. "per seed" is a group's epoch time divided by its size.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -19,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,25 +33,36 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
-from cifar3study.dataset import read_split, read_stats
-from cifar3study.device import device_name, resolve_device, seed_everything, set_numerics, synchronize
-from cifar3study.models import ConvNet, build_fc, build_model, normalize
+from cifar3study import speedups
+from cifar3study.dataset import ChannelStats, read_split, read_stats
+from cifar3study.device import device_name, resolve_device, set_numerics, synchronize
+from cifar3study.models import ConvNet, build_fc, normalize
 from cifar3study.params import ModelParams, TrainParams, load_params, model_params
-from cifar3study.training import setup_training, train_epoch
+from cifar3study.training import init_models, setup_group, train_epoch
 
 log = logging.getLogger("benchmark")
 MODELS = ("fc", "cnn")
-VARIANTS = ("project", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kind: str  # "original" (the study's loop) or "group" (the project's trainer)
+    seeds: int
+    batched: bool  # a vmap over stacked parameters, rather than seed by seed
+
+    @property
+    def label(self) -> str:
+        return "original loop" if self.kind == "original" else f"{self.seeds} seed{'s' * (self.seeds > 1)}" + \
+            (", vmap" if self.batched else "")
 
 
 class OriginalDataset(Dataset):
     """The study's dataset: uint8 image -> PIL -> ToTensor + Normalize, per item."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float]) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, stats: ChannelStats) -> None:
         self.images, self.labels = images, labels
-        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(stats.mean, stats.std)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,111 +86,99 @@ def timed_epochs(run_epoch: Callable[[], object], device: torch.device, warmup: 
     return seconds
 
 
-def project_epochs(cfg: ModelParams, train: TrainParams, args: argparse.Namespace, device: torch.device) -> list[float]:
-    """The stage's path: seeded, whole split as one normalised tensor, `fit`'s setup."""
-    seed_everything(train.seed)
+def group_epochs(cfg: ModelParams, train: TrainParams, variant: Variant, args: argparse.Namespace,
+                 device: torch.device) -> list[float]:
+    """The train stage's path: the split as one normalised tensor on the device, a seed group."""
     set_numerics(train.deterministic, train.tf32)
     split, stats = read_split(args.train), read_stats(args.stats)
     x, y = normalize(split.images, stats, device), torch.from_numpy(split.labels).to(device)
-    model = build_model(cfg, len(split.classes)).to(device)
-    optimizer, generator, channels_last = setup_training(model, train)
-    return timed_epochs(lambda: train_epoch(model, optimizer, x, y, train.batch_size, generator, channels_last),
-                        device, args.warmup, args.epochs)
+    seeds = tuple(range(variant.seeds))
+    models = init_models(cfg, len(split.classes), seeds, device)
+    group = setup_group(models, seeds, dataclasses.replace(train, seeds=seeds), variant.batched)
+    return timed_epochs(lambda: train_epoch(group, x, y, train.batch_size), device, args.warmup, args.epochs)
 
 
-def original_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device) -> float:
-    model.train()
-    running = 0.0
-    for xb, yb in loader:
-        xb, yb = xb.to(device), yb.to(device)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        optimizer.step()
-        running += loss.item()
-    return running / len(loader)
-
-
-def original_epochs(cfg: ModelParams, train: TrainParams, args: argparse.Namespace, device: torch.device) -> list[float]:
+def original_epochs(cfg: ModelParams, args: argparse.Namespace, device: torch.device) -> list[float]:
     """The study's loop: DataLoader(batch 64, shuffle) over per-item PIL transforms, plain model, SGD."""
-    torch.manual_seed(train.seed)
+    torch.manual_seed(0)
     split, stats = read_split(args.train), read_stats(args.stats)
-    loader = DataLoader(OriginalDataset(split.images, split.labels, list(stats.mean), list(stats.std)), batch_size=64,
-                        shuffle=True, num_workers=0)
+    loader = DataLoader(OriginalDataset(split.images, split.labels, stats), batch_size=64, shuffle=True, num_workers=0)
     classes = len(split.classes)
-    plain = ConvNet(cfg, classes, pool_first=False) if cfg.arch == "cnn" else build_fc(cfg, classes, linear=nn.Linear)
-    model = plain.to(device)
+    model = (ConvNet(cfg, classes, pool_first=False) if cfg.arch == "cnn" else build_fc(cfg, classes, nn.Linear)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
-    return timed_epochs(lambda: original_epoch(model, optimizer, loader, device), device, args.warmup, args.epochs)
+
+    def epoch() -> None:
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb.to(device)), yb.to(device)).backward()
+            optimizer.step()
+
+    return timed_epochs(epoch, device, args.warmup, args.epochs)
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    """Child process: time one (model, variant); report seconds, peak RSS and device."""
+    """Child process: time one (model, variant)."""
     params = load_params(args.params)
     device = resolve_device(args.device)
-    run = project_epochs if args.variant == "project" else original_epochs
-    seconds = run(model_params(params, args.model), params.train, args, device)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"model": args.model, "variant": args.variant, "seconds": seconds,
-            "peak_rss_mib": peak_kib / 1024, "device": device_name(device)}
+    cfg = model_params(params, args.model)
+    variant = Variant(args.kind, args.seeds, args.batched)
+    seconds = original_epochs(cfg, args, device) if variant.kind == "original" else \
+        group_epochs(cfg, params.train, variant, args, device)
+    return {"model": args.model, "variant": dataclasses.asdict(variant), "seconds": seconds, "device": device_name(device),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
-def spawn(args: argparse.Namespace, model: str, variant: str) -> dict:
-    """Run one variant in a fresh interpreter; its last stdout line is its JSON result."""
-    cmd = [sys.executable, "-m", "cifar3study.benchmark", "--variant", variant, "--model", model,
-           "--params", str(args.params), "--train", str(args.train), "--stats", str(args.stats),
-           "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--device", args.device]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def spawn(args: argparse.Namespace, model: str, variant: Variant) -> dict:
+    """Run one variant in a fresh interpreter; it leaves its result as JSON in a temporary file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "cifar3study.benchmark", "--child", "--model", model, "--kind", variant.kind,
+               "--seeds", str(variant.seeds), *(["--batched"] if variant.batched else []), "--result", str(result),
+               "--params", str(args.params), "--train", str(args.train), "--stats", str(args.stats),
+               "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--device", args.device]
+        subprocess.run(cmd, check=True)
+        return json.loads(result.read_text())
 
 
-def dvc_noop_seconds(skip: bool) -> tuple[float | None, str]:
-    """Wall time of `dvc repro` when `dvc status` says everything is up to date."""
-    if skip:
-        return None, "skipped (--skip-dvc)"
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    status = subprocess.run([dvc, "status"], capture_output=True, text=True)
-    if status.returncode != 0 or "up to date" not in status.stdout:
-        return None, "skipped: pipeline not up to date (`dvc status` lists changes)"
-    start = time.perf_counter()
-    subprocess.run([dvc, "repro"], check=True, capture_output=True)
-    return time.perf_counter() - start, "no-op `dvc repro`"
+def variants(args: argparse.Namespace) -> list[Variant]:
+    return [Variant("original", 1, False), *(Variant("group", s, False) for s in args.groups),
+            *(Variant("group", s, True) for s in args.vmap_groups)]
 
 
 def summarise(results: list[dict], n_images: int) -> list[dict]:
-    """One row per model: median epoch seconds of each variant, their ratio, peak RSS."""
+    """One row per (model, variant): median group and per-seed epoch seconds, speed-up over the original, RSS."""
     rows = []
     for model in MODELS:
         mine = [r for r in results if r["model"] == model]
-        med = {v: statistics.median(s for r in mine if r["variant"] == v for s in r["seconds"]) for v in VARIANTS}
-        rss = {v: max(r["peak_rss_mib"] for r in mine if r["variant"] == v) for v in VARIANTS}
-        rows.append({"model": model, "project_s": med["project"], "original_s": med["original"],
-                     "speedup": med["original"] / med["project"],
-                     "project_img_s": n_images / med["project"], "original_img_s": n_images / med["original"],
-                     "project_rss_mib": rss["project"], "original_rss_mib": rss["original"],
-                     "device": mine[0]["device"]})
+        original = statistics.median(s for r in mine if r["variant"]["kind"] == "original" for s in r["seconds"])
+        for variant in dict.fromkeys(Variant(**r["variant"]) for r in mine):
+            runs = [r for r in mine if Variant(**r["variant"]) == variant]
+            group = statistics.median(s for r in runs for s in r["seconds"])
+            per_seed = group / variant.seeds
+            rows.append({"model": model, "variant": variant.label, "seeds": variant.seeds, "group_s": group,
+                         "per_seed_s": per_seed, "speedup": original / per_seed, "images_per_s": n_images / per_seed,
+                         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "device": runs[0]["device"]})
     return rows
 
 
-def table(rows: list[dict], dvc_s: float | None, dvc_note: str) -> str:
-    headers = ["model", "project s/epoch", "original s/epoch", "speedup (orig/proj)", "project img/s",
-               "original img/s", "project peak RSS MiB", "original peak RSS MiB", "device"]
-    body = [[r["model"], r["project_s"], r["original_s"], r["speedup"], r["project_img_s"], r["original_img_s"],
-             r["project_rss_mib"], r["original_rss_mib"], r["device"]] for r in rows]
-    dvc = f"{dvc_note}: {dvc_s:.2f} s" if dvc_s is not None else dvc_note
-    return tabulate(body, headers=headers, floatfmt=".2f") + f"\n\ndvc: {dvc}\nhost: {platform.node()} {platform.machine()}"
+def table(rows: list[dict]) -> str:
+    headers = ["model", "variant", "s / epoch (group)", "s / epoch (per seed)", "speed-up vs original (per seed)",
+               "images/s (per seed)", "peak RSS MiB"]
+    body = [[r["model"], r["variant"], r["group_s"], r["per_seed_s"], r["speedup"], r["images_per_s"], r["peak_rss_mib"]]
+            for r in rows]
+    return tabulate(body, headers=headers, floatfmt=".2f") + f"\n\ndevice: {rows[0]['device']}; host {platform.machine()}"
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    jobs = [(r, m, v) for r in range(args.rounds) for m in MODELS for v in VARIANTS]
     results = []
-    for _, model, variant in tqdm(jobs, desc="variants", unit="run"):
-        results.append(spawn(args, model, variant))
-        log.info("%s/%s: %s s", model, variant, " ".join(f"{s:.2f}" for s in results[-1]["seconds"]))
-    dvc_s, dvc_note = dvc_noop_seconds(args.skip_dvc)
+    for round_ in range(1, args.rounds + 1):
+        for model in MODELS:
+            for variant in variants(args):
+                results.append(spawn(args, model, variant))
+                log.info("round %d %s %s: %s s", round_, model, variant.label,
+                         " ".join(f"{s:.2f}" for s in results[-1]["seconds"]))
     rows = summarise(results, len(read_split(args.train).labels))
-    return {"rows": rows, "runs": results, "dvc_noop_s": dvc_s, "dvc_note": dvc_note,
-            "epochs": args.epochs, "warmup": args.warmup, "rounds": args.rounds}
+    return {"rows": rows, "runs": results, "epochs": args.epochs, "warmup": args.warmup, "rounds": args.rounds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,26 +187,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (median reported)")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 3, 8], help="seed-group sizes, seed by seed")
+    parser.add_argument("--vmap-groups", type=int, nargs="*", default=[3], help="seed-group sizes batched with vmap")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every variant, interleaved")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps")
-    parser.add_argument("--skip-dvc", action="store_true", help="do not time the no-op `dvc repro`")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=("original", "group"), help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args)))  # the parent reads this line
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    speedups.keep_freed_memory()
+    if args.child:
+        args.result.write_text(json.dumps(run_variant(args)))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     report = benchmark(args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(table(report["rows"], report["dvc_noop_s"], report["dvc_note"]))
+    log.info("\n%s", table(report["rows"]))
 
 
 if __name__ == "__main__":

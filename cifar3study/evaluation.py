@@ -1,29 +1,124 @@
-"""What an evaluate stage measures and the files it writes: metrics JSON, per-class JSON, confusion CSV."""
+"""What an evaluate stage measures over a seed group, and the files it writes (read back by compare).
+
+`data/metrics/<model>.json` holds flat keys that `dvc metrics show` lists:
+`train_acc`, `val_acc`, `gap` and `val_macro_f1` are means over the seeds,
+with `_std` (sample), `_min`, `_max`, `_n`, `_ci95_low`/`_ci95_high` (Student
+t) and `_seed<k>` beside each. The per-class report and the confusion rows
+pool the predictions of every seed, and say so.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from cifar3study.errors import StageError
 from cifar3study.files import write_json_atomic, write_text_atomic
 
+SPREAD_KEYS = ("train_acc", "val_acc", "gap", "val_macro_f1")
+SPEED_KEYS = ("seconds_per_epoch", "group_seconds_per_epoch", "images_per_second")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """One metric over a seed group."""
+
+    per_seed: dict[int, float]
+    mean: float
+    std: float | None  # sample standard deviation; None for a single seed
+    ci95: tuple[float, float] | None  # Student t 95% interval of the mean; None for a single seed
+
+    @property
+    def n(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def min(self) -> float:
+        return min(self.per_seed.values())
+
+    @property
+    def max(self) -> float:
+        return max(self.per_seed.values())
+
+
+def spread(per_seed: dict[int, float]) -> Spread:
+    values = np.array(list(per_seed.values()), dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return Spread(dict(per_seed), mean, None, None)
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+    return Spread(dict(per_seed), mean, std, (mean - half, mean + half))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetrics:
-    """The headline numbers of one model: what `dvc metrics show` lists and compare reads."""
+    """The headline numbers of one model's seed group: what `dvc metrics show` lists and compare reads."""
 
     params: int
-    train_acc: float
-    val_acc: float
-    gap: float  # train_acc - val_acc: how much the model memorised
-    val_macro_f1: float
-    seconds_per_epoch: float
+    train_acc: Spread
+    val_acc: Spread
+    gap: Spread  # train_acc - val_acc: how much the models memorised
+    val_macro_f1: Spread
+    seconds_per_epoch: float  # one epoch of one seed: the group's time divided by its size
+    group_seconds_per_epoch: float
     images_per_second: float
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_true == y_pred))
+
+
+def seed_metrics(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """One seed's headline numbers; `train` and `val` are (labels, predictions)."""
+    train_acc, val_acc = accuracy(*train), accuracy(*val)
+    return {"train_acc": train_acc, "val_acc": val_acc, "gap": train_acc - val_acc,
+            "val_macro_f1": float(f1_score(*val, average="macro"))}
+
+
+def model_metrics(per_seed: dict[int, dict[str, float]], n_params: int, speed: dict[str, float]) -> ModelMetrics:
+    spreads = {key: spread({seed: m[key] for seed, m in per_seed.items()}) for key in SPREAD_KEYS}
+    return ModelMetrics(n_params, **spreads, **{key: speed[key] for key in SPEED_KEYS})
+
+
+def flat(metrics: ModelMetrics) -> dict[str, float | int | None]:
+    out: dict[str, float | int | None] = {"params": metrics.params}
+    for key in SPREAD_KEYS:
+        s: Spread = getattr(metrics, key)
+        out.update({key: s.mean, f"{key}_std": s.std, f"{key}_min": s.min, f"{key}_max": s.max, f"{key}_n": s.n,
+                    f"{key}_ci95_low": s.ci95[0] if s.ci95 else None, f"{key}_ci95_high": s.ci95[1] if s.ci95 else None})
+        out.update({f"{key}_seed{seed}": v for seed, v in s.per_seed.items()})
+    out.update({key: getattr(metrics, key) for key in SPEED_KEYS})
+    return out
+
+
+def write_metrics(path: Path, metrics: ModelMetrics) -> None:
+    write_json_atomic(path, flat(metrics))
+
+
+def _spread_from(raw: dict, key: str) -> Spread:
+    prefix = f"{key}_seed"
+    per_seed = {int(k.removeprefix(prefix)): float(v) for k, v in raw.items() if k.startswith(prefix)}
+    if not per_seed:
+        raise KeyError(f"{key}_seed<k>")
+    ci = (float(raw[f"{key}_ci95_low"]), float(raw[f"{key}_ci95_high"])) if raw[f"{key}_ci95_low"] is not None else None
+    std = float(raw[f"{key}_std"]) if raw[f"{key}_std"] is not None else None
+    return Spread(per_seed, float(raw[key]), std, ci)
+
+
+def read_metrics(path: Path) -> ModelMetrics:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ModelMetrics(int(raw["params"]), **{k: _spread_from(raw, k) for k in SPREAD_KEYS},
+                            **{k: float(raw[k]) for k in SPEED_KEYS})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise StageError(f"cannot read metrics {path} ({type(err).__name__}: {err}); rerun its evaluate stage") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +127,6 @@ class ClassReport:
     recall: float
     f1: float
     support: int
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(y_true == y_pred))
-
-
-def model_metrics(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], n_params: int,
-                  seconds_per_epoch: float, images_per_second: float) -> ModelMetrics:
-    """`train` and `val` are (labels, predictions)."""
-    train_acc, val_acc = accuracy(*train), accuracy(*val)
-    return ModelMetrics(n_params, train_acc, val_acc, train_acc - val_acc, float(f1_score(*val, average="macro")),
-                        seconds_per_epoch, images_per_second)
 
 
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict[str, ClassReport]:
@@ -58,33 +141,15 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
 
 
-def write_metrics(path: Path, metrics: ModelMetrics) -> None:
-    write_json_atomic(path, dataclasses.asdict(metrics))
-
-
-def read_metrics(path: Path) -> ModelMetrics:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        return ModelMetrics(**{f.name: (int if f.type == "int" else float)(raw[f.name])
-                               for f in dataclasses.fields(ModelMetrics)})
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise StageError(f"cannot read metrics {path} ({type(err).__name__}: {err}); rerun its evaluate stage") from err
-
-
-def write_per_class(path: Path, report: dict[str, ClassReport]) -> None:
-    write_json_atomic(path, {name: dataclasses.asdict(r) for name, r in report.items()})
-
-
-def write_confusion_csv(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> None:
-    """One row per validation image, the shape DVC's confusion template reads."""
-    lines = ["actual,predicted"] + [f"{classes[a]},{classes[p]}" for a, p in zip(y_true, y_pred)]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+def write_per_class(path: Path, report: dict[str, ClassReport], seeds: tuple[int, ...]) -> None:
+    write_json_atomic(path, {"pooled_over_seeds": list(seeds),
+                             "classes": {name: dataclasses.asdict(r) for name, r in report.items()}})
 
 
 def read_per_class(path: Path) -> dict[str, ClassReport]:
     """The per-class report, in label order."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))["classes"]
         return {str(name): ClassReport(float(r["precision"]), float(r["recall"]), float(r["f1"]), int(r["support"]))
                 for name, r in raw.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
@@ -92,16 +157,24 @@ def read_per_class(path: Path) -> dict[str, ClassReport]:
                          "rerun its evaluate stage") from err
 
 
+def write_confusion_csv(path: Path, y_true: dict[int, np.ndarray], y_pred: dict[int, np.ndarray],
+                        classes: tuple[str, ...]) -> None:
+    """One row per validation image and seed (column `seed`), the shape DVC's confusion template reads."""
+    lines = ["actual,predicted,seed"] + [f"{classes[a]},{classes[p]},{seed}" for seed in y_true
+                                         for a, p in zip(y_true[seed], y_pred[seed])]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
 def read_confusion_csv(path: Path, classes: tuple[str, ...]) -> np.ndarray:
-    """The counts matrix (rows actual, columns predicted) of a confusion CSV."""
+    """The counts matrix (rows actual, columns predicted) of a confusion CSV, summed over its seeds."""
     index = {name: i for i, name in enumerate(classes)}
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-        if not lines or lines[0] != "actual,predicted":
-            raise ValueError("header is not 'actual,predicted'")
+        if not lines or lines[0] != "actual,predicted,seed":
+            raise ValueError("header is not 'actual,predicted,seed'")
         for line in lines[1:]:
-            actual, predicted = line.split(",")
+            actual, predicted, _ = line.split(",")
             matrix[index[actual], index[predicted]] += 1
     except (OSError, ValueError, KeyError) as err:
         raise StageError(f"cannot read confusion file {path} ({type(err).__name__}: {err}); "

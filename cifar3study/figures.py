@@ -1,6 +1,7 @@
 """Matplotlib figures of results: learning curves, confusion matrices, accuracy against size.
 
-Figures are bare `Figure` objects, not pyplot's: nothing global to leak or close.
+Curves show the mean over a model's seeds with a min-max band. Figures are
+bare `Figure` objects, not pyplot's: nothing global to leak or close.
 """
 
 from __future__ import annotations
@@ -8,26 +9,52 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cifar3study.evaluation import ModelMetrics
 from cifar3study.history import EpochRecord
 
 
+def _band(ax: Axes, rows: list[EpochRecord], field: str, label: str) -> None:
+    """Mean over seeds per epoch as a line, min to max as a shaded band of the same colour."""
+    epochs = sorted({r.epoch for r in rows})
+    values = np.array([[getattr(r, field) for r in rows if r.epoch == e] for e in epochs])
+    (line,) = ax.plot(epochs, values.mean(1), label=label)
+    ax.fill_between(epochs, values.min(1), values.max(1), color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def learning_curves(history: list[EpochRecord], title: str) -> Figure:
-    """Training loss, and train/val accuracy, per epoch."""
-    epochs = [row.epoch for row in history]
+    """One model: loss and accuracy per epoch, train and validation."""
+    n = len({r.seed for r in history})
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [r.train_loss for r in history], label="train")
-    loss_ax.plot(epochs, [r.val_loss for r in history], label="validation")
+    _band(loss_ax, history, "train_loss", "train")
+    _band(loss_ax, history, "val_loss", "validation")
+    _band(acc_ax, history, "train_acc_running", "train (running, during the epoch)")
+    _band(acc_ax, history, "val_acc", "validation")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
-    acc_ax.plot(epochs, [r.train_acc_running for r in history], label="train (running, during the epoch)")
-    acc_ax.plot(epochs, [r.val_acc for r in history], label="validation")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"mean over {n} seed{'s' if n > 1 else ''}, band: min to max")
+    return fig
+
+
+def compared_curves(histories: dict[str, list[EpochRecord]]) -> Figure:
+    """Every model's validation accuracy and training loss per epoch, side by side."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for name, history in histories.items():
+        _band(acc_ax, history, "val_acc", name)
+        _band(loss_ax, history, "train_loss", name)
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("CIFAR-3: mean over seeds, band: min to max")
     return fig
 
 
@@ -46,14 +73,18 @@ def confusion(matrix: np.ndarray, classes: tuple[str, ...], title: str) -> Figur
 
 
 def accuracy_vs_params(metrics: dict[str, ModelMetrics]) -> Figure:
-    """Validation accuracy against parameter count (log x), one point per model."""
+    """Validation accuracy against parameter count (log x): each seed as a dot, the mean ± std as a bar."""
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     for name, m in metrics.items():
-        ax.scatter(m.params, m.val_acc, s=60)
-        ax.annotate(f"{name} ({m.val_acc:.3f})", (m.params, m.val_acc), textcoords="offset points", xytext=(6, 6))
+        acc = m.val_acc
+        bar = ax.errorbar(m.params, acc.mean, yerr=acc.std or 0.0, fmt="o", capsize=5, markersize=7)
+        ax.scatter([m.params] * acc.n, list(acc.per_seed.values()), s=12, alpha=0.5, color=bar[0].get_color())
+        ax.annotate(f"{name} ({acc.mean:.3f}, n={acc.n})", (m.params, acc.mean), textcoords="offset points",
+                    xytext=(8, 6))
     ax.set_xscale("log")
-    ax.set(xlabel="parameters (log scale)", ylabel="validation accuracy", title="CIFAR-3: accuracy vs size")
+    ax.set(xlabel="parameters (log scale)", ylabel="validation accuracy",
+           title="CIFAR-3: accuracy vs size (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
     return fig
 

@@ -90,7 +90,7 @@ class TrainParams:
     lr: float
     momentum: float
     weight_decay: float
-    seed: int
+    seeds: tuple[int, ...]
     deterministic: bool
     channels_last: bool
     tf32: bool
@@ -102,7 +102,9 @@ class TrainParams:
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(self.momentum >= 0, f"{prefix}.momentum", "must be >= 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _check(0 <= self.seed <= MAX_SEED, f"{prefix}.seed", f"must be between 0 and {MAX_SEED}")
+        _check(len(self.seeds) >= 1, f"{prefix}.seeds", "must list at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", "must not repeat a seed")
+        _check(all(0 <= s <= MAX_SEED for s in self.seeds), f"{prefix}.seeds", f"must be between 0 and {MAX_SEED}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +118,10 @@ class EvaluateParams:
 @dataclasses.dataclass(frozen=True)
 class VisualizeParams:
     model: str
+    seed: int
 
     def validate(self, prefix: str) -> None:
-        pass  # checked against the models section in parse_params
+        pass  # checked against the models and train sections in parse_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +208,7 @@ def parse_params(raw: object) -> Params:
     )
     drawn = params.models.get(params.visualize.model)
     _check(drawn is not None and drawn.arch == "cnn", "visualize.model", "must name a model with arch: cnn")
+    _check(params.visualize.seed in params.train.seeds, "visualize.seed", "must be one of train.seeds")
     return params
 
 

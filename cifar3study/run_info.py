@@ -1,4 +1,4 @@
-"""What a train stage hands to later stages about its run: a typed record, one writer, one reader."""
+"""What a train stage hands to later stages about its MLflow runs and speed: a typed record, one writer, one reader."""
 
 from __future__ import annotations
 
@@ -10,22 +10,43 @@ from pathlib import Path
 from cifar3study.errors import StageError, quote
 from cifar3study.files import write_json_atomic
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
-    run_id: str  # the MLflow run the train stage logged to
-    device: str  # what trained the model, e.g. "cpu (x86_64, 2 threads)"
+    run_id: str  # the model's parent run
+    seed_runs: dict[int, str]  # each seed's nested run, in training order
+    device: str  # what trained the models, e.g. "cpu (x86_64, 2 threads)"
     epochs: int
-    seconds_per_epoch: float  # median over epochs: the first pays one-off warm-up costs
-    images_per_second: float
+    group_seconds_per_epoch: float  # median wall time of one epoch of the whole seed group
+    seconds_per_epoch: float  # the group's time divided by its size: what one epoch of one seed costs
+    images_per_second: float  # training images per second, all seeds together
 
 
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-_TYPES = {"run_id": str, "device": str, "epochs": int, "seconds_per_epoch": float, "images_per_second": float}
+_SCALARS = {"run_id": str, "device": str, "epochs": int, "group_seconds_per_epoch": float, "seconds_per_epoch": float,
+            "images_per_second": float}
 
 
 def write_run_info(path: Path, info: RunInfo) -> None:
-    write_json_atomic(path, dataclasses.asdict(info))
+    record = dataclasses.asdict(info)
+    record["seed_runs"] = {str(seed): run for seed, run in info.seed_runs.items()}
+    write_json_atomic(path, record)
+
+
+def _field(path: Path, raw: dict, key: str, kind: type) -> object:
+    if key not in raw:
+        raise StageError(f"{path} lacks {key}; rerun its train stage")
+    value = raw[key]
+    if not ((isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and type(value) is int)):
+        raise StageError(f"{path}: {key} is {quote(value)}, not a {kind.__name__}; rerun its train stage")
+    return kind(value)
+
+
+def _run_id(path: Path, value: object, what: str) -> str:
+    if not isinstance(value, str) or not RUN_ID.fullmatch(value):
+        raise StageError(f"{path}: {what} {quote(value)} is not an MLflow run id; rerun its train stage")
+    return value
 
 
 def read_run_info(path: Path) -> RunInfo:
@@ -36,14 +57,10 @@ def read_run_info(path: Path) -> RunInfo:
         raise StageError(f"cannot read {path} ({err}); rerun its train stage") from err
     if not isinstance(raw, dict):
         raise StageError(f"{path} is not a run-info record; rerun its train stage")
-    missing = [key for key in _TYPES if key not in raw]
-    if missing:
-        raise StageError(f"{path} lacks {', '.join(missing)}; rerun its train stage")
-    for key, kind in _TYPES.items():
-        value = raw[key]
-        ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and type(value) is int)
-        if not ok:
-            raise StageError(f"{path}: {key} is {quote(value)}, not a {kind.__name__}; rerun its train stage")
-    if not RUN_ID.fullmatch(raw["run_id"]):
-        raise StageError(f"{path}: run_id {quote(raw['run_id'])} is not an MLflow run id; rerun its train stage")
-    return RunInfo(**{key: kind(raw[key]) for key, kind in _TYPES.items()})
+    scalars = {key: _field(path, raw, key, kind) for key, kind in _SCALARS.items()}
+    _run_id(path, scalars["run_id"], "run_id")
+    seeds = _field(path, raw, "seed_runs", dict)
+    if not seeds or not all(isinstance(k, str) and k.isdigit() for k in seeds):
+        raise StageError(f"{path}: seed_runs must map seeds to run ids; rerun its train stage")
+    seed_runs = {int(seed): _run_id(path, run, f"seed_runs[{seed}]") for seed, run in seeds.items()}
+    return RunInfo(seed_runs=seed_runs, **scalars)

@@ -1,10 +1,16 @@
-"""What each stage writes into MLflow runs: params under keys both models share, curves, metrics, figures, models."""
+"""What each stage writes into MLflow runs: params under keys both models share, curves, metrics, figures, models.
+
+A model is a parent run (params, param_count, the aggregates over seeds, the
+mean curves, provenance, figures) with one nested run per seed (its seed,
+its curves, its final metrics, its logged model).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +26,10 @@ from mlflow.models import infer_signature
 
 from cifar3study.history import EpochRecord
 from cifar3study.params import CONV_KEYS, ModelParams, Params
+from cifar3study.tracking import GroupRuns
 
 NOT_APPLICABLE = "none"  # the value of a conv-only key on an fc model: the same row compares both models
+CURVES = ("train_loss", "train_acc_running", "val_loss", "val_acc")
 
 
 def flatten(prefix: str, value: object) -> dict[str, str]:
@@ -56,30 +64,51 @@ def run_name(name: str, env: Mapping[str, str], digest: str) -> str:
     return f"{name}-{env.get('DVC_EXP_NAME') or digest}"
 
 
-def log_training_setup(name: str, params: Params, n_params: int, layers: str) -> None:
-    """Every value the train stage read, and the model's size (`layers`: a markdown table)."""
+def _metrics(values: Mapping[str, float | None], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+
+
+def log_training_setup(runs: GroupRuns, name: str, params: Params, n_params: int, layers: str) -> None:
+    """Every value the train stage read and the model's size (`layers`: a markdown table); each seed's seed."""
     mlflow.log_params({**model_params(name, params.models[name]), **flatten("train", params.train),
                        **flatten("evaluate", params.evaluate), **flatten("mlflow", params.mlflow),
                        "data.classes": flatten("", params.data.classes)[""], "param_count": n_params})
     mlflow.log_metric("param_count", n_params)
     mlflow.log_text(layers, "parameters.md")
+    client = MlflowClient()
+    for seed, run_id in runs.seeds.items():
+        client.log_batch(run_id, params=[mlflow.entities.Param("seed", str(seed))],
+                         metrics=_metrics({"param_count": n_params}, 0))
 
 
-def log_epoch(row: EpochRecord) -> None:
-    mlflow.log_metrics({"train_loss": row.train_loss, "train_acc_running": row.train_acc_running,
-                        "val_loss": row.val_loss, "val_acc": row.val_acc}, step=row.epoch)
+def log_epoch(runs: GroupRuns, rows: list[EpochRecord]) -> None:
+    """Each seed's curves in its own run; their mean in the parent run."""
+    client = MlflowClient()
+    for row in rows:
+        client.log_batch(runs.seeds[row.seed], metrics=_metrics({k: getattr(row, k) for k in CURVES}, row.epoch))
+    means = {k: statistics.fmean(getattr(r, k) for r in rows) for k in CURVES}
+    client.log_batch(runs.parent, metrics=_metrics(means, rows[0].epoch))
 
 
-def log_evaluation(run_id: str, step: int, metrics: Mapping[str, float], per_class: Mapping[str, Mapping]) -> None:
+def log_models(runs: GroupRuns, models: Mapping[int, torch.nn.Module], example: np.ndarray) -> None:
+    """Each seed's model into its own run."""
+    for seed, model in models.items():
+        with mlflow.start_run(run_id=runs.seeds[seed], nested=True):
+            log_model(model, example)
+
+
+def log_evaluation(runs: GroupRuns, step: int, per_seed: Mapping[int, Mapping[str, float]],
+                   aggregates: Mapping[str, float | None], per_class: Mapping) -> None:
     """Final metrics at the last epoch's step, so they end the curves they share a name with.
 
-    Through the client: the run stays as its train stage left it, whatever happens here.
+    Through the client: the runs stay as their train stage left them, whatever happens here.
     """
-    now = int(time.time() * 1000)
-    values = {**metrics, **{f"val_f1_{c}": r["f1"] for c, r in per_class.items()}}
     client = MlflowClient()
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-    client.log_dict(run_id, dict(per_class), "per_class.json")
+    for seed, values in per_seed.items():
+        client.log_batch(runs.seeds[seed], metrics=_metrics(values, step))
+    client.log_batch(runs.parent, metrics=_metrics(aggregates, step))
+    client.log_dict(runs.parent, dict(per_class), "per_class.json")
 
 
 def log_figures(run_id: str, figures: dict[str, Figure], folder: str = "") -> None:
@@ -89,16 +118,14 @@ def log_figures(run_id: str, figures: dict[str, Figure], folder: str = "") -> No
         client.log_figure(run_id, fig, f"{folder}/{name}" if folder else name)
 
 
-def log_comparison(experiment_id: str, run_name_: str, rows: list[dict], run_ids: dict[str, str],
+def log_comparison(experiment_id: str, run_name_: str, values: Mapping[str, float], run_ids: dict[str, str],
                    files: list[Path], tags: Mapping[str, str]) -> str:
-    """A `comparison` run: each model's headline numbers as `<model>.<metric>`, and the report files."""
+    """A `comparison` run: every model's numbers as `<model>.<metric>`, their differences, and the report files."""
     client = MlflowClient()
     created = client.create_run(experiment_id, run_name=run_name_,
                                 tags={"kind": "comparison", **tags, **{f"run.{n}": rid for n, rid in run_ids.items()}})
     run_id = created.info.run_id
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"{row['model']}.{k}", float(v), now, 0)
-                                      for row in rows for k, v in row.items() if k != "model"])
+    client.log_batch(run_id, metrics=_metrics(values, 0))
     for path in files:
         if path.is_file():
             client.log_artifact(run_id, str(path))

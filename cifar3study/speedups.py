@@ -1,13 +1,15 @@
 """Every speed trick of the project, each with the measurement that earned its place.
 
 Measured on this project's CI-class machine (x86_64 VM, 2 cores, CPU only)
-with `python -m cifar3study.benchmark`; each trick is checked against the
-plain computation in tests/test_speedups.py. Tried and dropped:
-`torch.compile` (no gain on that CPU).
+with `python -m cifar3study.benchmark` and micro-benchmarks of single ops;
+each trick is checked against the plain computation in tests/test_speedups.py.
+Tried and dropped: `torch.compile` (no gain on that CPU); vmap with
+chunk_size=1 on the CPU (slicing the stacked weights cost more than it saved).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import platform
@@ -16,13 +18,29 @@ import torch
 from torch import nn
 
 
+def batch_seeds(device: torch.device) -> bool:
+    """Train a seed group as one vmap over stacked parameters (True), or seed by seed (False).
+
+    Why: on an accelerator one batched kernel serves every seed for about the
+    price of one. On the CPU one seed's kernels already keep the cores busy,
+    and the batched kernels are slower than running the seeds one after
+    another (2 cores: the CNN's grouped convolutions cost 1.6-2.2x per seed,
+    see `python -m cifar3study.benchmark`), so the CPU keeps the plain modules
+    and their fast paths (channels_last, oneDNN Linear).
+    """
+    return device.type != "cpu"
+
+
 def keep_freed_memory(max_block: int = 32 << 20, keep: int = 256 << 20) -> bool:
     """Ask glibc to reuse freed blocks up to `max_block` bytes instead of unmapping them.
 
     Why: training frees and re-allocates the same large gradient buffers every
     step (12 MiB for the FC net's first layer); by default glibc returns them
-    to the OS and the next step pays page faults again: 10-30% of an FC step.
+    to the OS and the next step pays page faults again (10-30% of an FC step).
     Up to `keep` bytes of free heap stay mapped. Returns False off glibc.
+    (Serving even larger blocks from the heap, M_MMAP_MAX=0, was tried for
+    stacked seeds: small allocations split the freed block, the heap grew
+    each step and the page faults stayed.)
     """
     if platform.system() != "Linux":
         return False
@@ -104,3 +122,25 @@ class OneDnnLinear(nn.Linear):
                 and not torch.compiler.is_compiling():
             return _OneDnnLinearFn.apply(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def stacked_leaf(value: torch.Tensor) -> torch.Tensor:
+    """A stacked parameter as a trainable leaf; stacked Linear weights [S, out, in] stored transposed.
+
+    Why: under vmap the weight gradient of `x @ w.T` comes out as [S, in, out]
+    transposed; with the weight stored the same way autograd keeps that
+    gradient as it is instead of copying it into the weight's layout (FC,
+    3 seeds: 164 ms -> 68 ms per first-layer forward and backward).
+    """
+    if value.dim() == 3:
+        value = value.transpose(1, 2).contiguous().transpose(1, 2)
+    return value.detach().requires_grad_()
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy whose OneDnnLinear layers are nn.Linear: a custom autograd Function does not run under vmap."""
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, OneDnnLinear):
+            module.__class__ = nn.Linear
+    return plain

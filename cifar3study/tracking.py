@@ -9,6 +9,7 @@ once (parallel queue workers), so the store's first use is serialised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -146,6 +147,38 @@ def run(experiment_id: str | None = None, run_id: str | None = None, **kwargs: o
     mlflow.end_run("FINISHED")
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupRuns:
+    """A model's parent run and its nested run per seed."""
+
+    parent: str
+    seeds: dict[int, str]
+
+
+def _end_all(client: MlflowClient, run_ids: list[str], status: str) -> None:
+    for run_id in run_ids:
+        client.set_terminated(run_id, status)
+
+
+@contextmanager
+def group_runs(experiment_id: str, name: str, seeds: tuple[int, ...], tags: Mapping[str, str]) -> Iterator[GroupRuns]:
+    """A parent run `name` (the active run) with a nested run per seed; all end FINISHED, FAILED or KILLED together."""
+    with run(experiment_id, run_name=name, tags={**tags, "kind": "model"}) as parent:
+        client = MlflowClient()
+        children = {seed: client.create_run(experiment_id, run_name=f"{name}-seed{seed}", tags={
+            **tags, "kind": "seed", "seed": str(seed), "mlflow.parentRunId": parent.info.run_id}).info.run_id
+            for seed in seeds}
+        try:
+            yield GroupRuns(parent.info.run_id, children)
+        except KeyboardInterrupt:
+            _end_all(client, list(children.values()), "KILLED")
+            raise
+        except BaseException:
+            _end_all(client, list(children.values()), "FAILED")
+            raise
+        _end_all(client, list(children.values()), "FINISHED")
+
+
 def process_tags() -> dict[str, str]:
     """Which process owns a run, so a later process can tell a live run from one whose process was killed."""
     me = psutil.Process()
@@ -177,17 +210,32 @@ def close_orphaned_runs(experiment_id: str) -> list[str]:
     return closed
 
 
-def model_run(run_id: str, experiment_id: str, model: str) -> Run:
-    """The run `run_id`, refused unless it is a model run of `model` in this experiment."""
+def _get_run(run_id: str) -> Run:
     try:
-        found = MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id)
     except MlflowException as err:
         raise StageError(f"MLflow run {quote(run_id)} is not in {mlflow.get_tracking_uri()} ({err.error_code}); "
                          "use the store it was logged to (MLFLOW_TRACKING_URI) or rerun its train stage") from err
-    if found.info.experiment_id != experiment_id or found.data.tags.get("model") != model:
-        raise StageError(f"MLflow run {quote(run_id)} belongs to experiment {found.info.experiment_id}, model "
-                         f"{quote(found.data.tags.get('model'))}, not to this {model} run; rerun its train stage")
+
+
+def model_run(run_id: str, experiment_id: str, model: str) -> Run:
+    """The run `run_id`, refused unless it is the parent run of `model` in this experiment."""
+    found = _get_run(run_id)
+    tags = found.data.tags
+    if found.info.experiment_id != experiment_id or tags.get("model") != model or tags.get("kind") != "model":
+        raise StageError(f"MLflow run {quote(run_id)} is a {quote(tags.get('kind'))} run of model "
+                         f"{quote(tags.get('model'))} in experiment {found.info.experiment_id}, not the {model} run of "
+                         f"experiment {experiment_id}; rerun its train stage")
     return found
+
+
+def check_group(runs: GroupRuns, experiment_id: str, model: str) -> None:
+    """Refuse to write unless `runs` are `model`'s parent run in this experiment and its own nested seed runs."""
+    model_run(runs.parent, experiment_id, model)
+    for seed, run_id in runs.seeds.items():
+        tags = _get_run(run_id).data.tags
+        if tags.get("mlflow.parentRunId") != runs.parent or tags.get("seed") != str(seed):
+            raise StageError(f"MLflow run {quote(run_id)} is not seed {seed} of run {runs.parent}; rerun its train stage")
 
 
 def _git(root: Path, *args: str) -> str:

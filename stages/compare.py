@@ -1,10 +1,10 @@
-"""Stage `compare`: every model of params.yaml in one table and a few figures, also in MLflow.
+"""Stage `compare`: every model of params.yaml in one report, mean ± spread over seeds, also in MLflow.
 
-The table goes to a separate `comparison` run: DVC runs each stage as its own
-process and may skip or restore any of them from its cache, so a parent run
-opened before training could be left dangling, while a run made here only
-ever summarises finished models. Each model's run gets its figures here too,
-so editing a figure redraws them without retraining anything.
+The report also goes to a separate `comparison` run: DVC runs each stage as
+its own process and may skip or restore any of them from its cache, so a run
+opened before training could be left dangling, while one made here only ever
+summarises finished models. Each model's parent run gets its figures here
+too, so editing a figure redraws them without retraining anything.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ from cifar3study.run_info import read_run_info
 log = logging.getLogger("compare")
 
 
-def model_figures(name: str, history: list[EpochRecord], eval_dir: Path) -> dict[str, Figure]:
+def model_figures(name: str, history: list[EpochRecord], eval_dir: Path, seeds: int) -> dict[str, Figure]:
     classes = tuple(evaluation.read_per_class(eval_dir / name / "per_class.json"))
     matrix = evaluation.read_confusion_csv(eval_dir / name / "confusion.csv", classes)
     return {"learning_curves.png": figures.learning_curves(history, name),
-            "confusion_matrix.png": figures.confusion(matrix, classes, f"{name}: validation")}
+            "confusion_matrix.png": figures.confusion(matrix, classes, f"{name}: validation, {seeds} seeds pooled")}
+
+
+def comparison_metrics(table: list[dict], diffs: list[report.Difference]) -> dict[str, float]:
+    values = {f"{row['model']}.{k}": v for row in table for k, v in row.items() if k != "model"}
+    for d in diffs:
+        values |= {f"{d.a}-{d.b}.val_acc_diff": d.diff, f"{d.a}-{d.b}.p_value": d.p_value}
+    return {k: float(v) for k, v in values.items() if v is not None and v == v}  # no None, no NaN
 
 
 def main() -> None:
@@ -42,30 +49,32 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
-    names = list(params.models)
+    names = list(params.models)  # the only list of models; stale files of removed ones are ignored
     metrics = {n: evaluation.read_metrics(args.metrics_dir / f"{n}.json") for n in names}
     runs = {n: read_run_info(args.runs_dir / f"{n}.json") for n in names}
     for name, info in runs.items():
-        tracking.model_run(info.run_id, experiment_id, name)
+        tracking.check_group(tracking.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
     histories = {n: read_history(args.history_dir / f"{n}.csv") for n in names}
-    per_model = {n: model_figures(n, histories[n], args.eval_dir) for n in names}
-    table = report.comparison_table(metrics)
+    per_model = {n: model_figures(n, histories[n], args.eval_dir, metrics[n].val_acc.n) for n in names}
+    table, diffs = report.comparison_table(metrics), report.differences(metrics)
     out = {"md": args.out_dir / "comparison.md", "csv": args.out_dir / "comparison.csv",
-           "curves": args.out_dir / "learning_curves.csv", "png": args.out_dir / "accuracy_vs_params.png"}
-    write_text_atomic(out["md"], report.to_markdown(table))
+           "curves": args.out_dir / "learning_curves.csv", "png": args.out_dir / "accuracy_vs_params.png",
+           "curves_png": args.out_dir / "learning_curves.png"}
+    write_text_atomic(out["md"], report.to_markdown(table, diffs))
     write_text_atomic(out["csv"], report.to_csv(table))
-    write_text_atomic(out["curves"], report.to_csv(report.curves_table({n: [h] for n, h in histories.items()})))
-    with atomic_path(out["png"]) as tmp:
-        figures.save_png(figures.accuracy_vs_params(metrics), tmp)
+    write_text_atomic(out["curves"], report.to_csv(report.curves_table(histories)))
+    for key, fig in (("png", figures.accuracy_vs_params(metrics)), ("curves_png", figures.compared_curves(histories))):
+        with atomic_path(out[key]) as tmp:
+            figures.save_png(fig, tmp)
     for name, figs in per_model.items():
         run_logging.log_figures(runs[name].run_id, figs)
-    files = [*out.values(), *([args.lock] if args.lock else [])]
     digest = "-".join(run_logging.params_digest(n, params)[:3] for n in names)
     tags = {**tracking.process_tags(), **({"dvc.exp_name": os.environ["DVC_EXP_NAME"]} if "DVC_EXP_NAME" in os.environ
                                          else {})}
     run_logging.log_comparison(experiment_id, run_logging.run_name("comparison", os.environ, digest),
-                               table.to_dict("records"), {n: r.run_id for n, r in runs.items()}, files, tags)
-    log.info("\n%s", report.to_markdown(table))
+                               comparison_metrics(table.to_dict("records"), diffs), {n: r.run_id for n, r in runs.items()},
+                               [*out.values(), *([args.lock] if args.lock else [])], tags)
+    log.info("\n%s", report.to_markdown(table, diffs))
     log.info("in MLflow (`mlflow ui`): %s", tracking.runs_page(mlflow.get_tracking_uri(), experiment_id))
 
 

@@ -1,7 +1,7 @@
-"""Stage `evaluate@<model>`: accuracy of the saved model on both splits.
+"""Stage `evaluate@<model>`: accuracy of every saved seed on both splits, and their spread.
 
 Reads only the checkpoint (which carries its own config and normalisation),
-so it measures exactly what was saved, and adds to the train run in MLflow.
+so it measures exactly what was saved, and adds to the train stage's runs.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
 from cifar3study import evaluation, run_logging, tracking
-from cifar3study.checkpoint import load_checkpoint
+from cifar3study.checkpoint import CheckpointMeta, load_checkpoint
 from cifar3study.cli import run_stage
-from cifar3study.dataset import read_split
+from cifar3study.dataset import Split, read_split
 from cifar3study.device import resolve_device
 from cifar3study.errors import StageError
 from cifar3study.models import count_params, normalize, predict
@@ -23,6 +27,11 @@ from cifar3study.params import load_params
 from cifar3study.run_info import read_run_info
 
 log = logging.getLogger("evaluate")
+
+
+def predictions(model: nn.Module, split: Split, meta: CheckpointMeta, device: torch.device, batch_size: int) \
+        -> np.ndarray:
+    return predict(model.to(device), normalize(split.images, meta.stats, device), batch_size).argmax(1).cpu().numpy()
 
 
 def main() -> None:
@@ -34,25 +43,32 @@ def main() -> None:
     params = load_params(args.params)
     experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     info = read_run_info(args.run_info)
-    tracking.model_run(info.run_id, experiment_id, args.model)  # before any work: only this model's run is written
+    runs = tracking.GroupRuns(info.run_id, info.seed_runs)
+    tracking.check_group(runs, experiment_id, args.model)  # before any work: only this model's runs are written
     device = resolve_device(params.train.device)
-    model, meta = load_checkpoint(args.checkpoint)
-    model.to(device)
+    models, meta = load_checkpoint(args.checkpoint)
     train, val = read_split(args.train), read_split(args.val)
-    if meta.classes != val.classes:
-        raise StageError(f"{args.checkpoint} was trained on {list(meta.classes)}, the splits hold {list(val.classes)}; "
-                         "rerun its train stage")
-    train_pred, val_pred = (predict(model, normalize(s.images, meta.stats, device), params.evaluate.batch_size)
-                            .argmax(1).cpu().numpy() for s in (train, val))
-    metrics = evaluation.model_metrics((train.labels, train_pred), (val.labels, val_pred), count_params(model),
-                                       info.seconds_per_epoch, info.images_per_second)
-    report = evaluation.per_class(val.labels, val_pred, meta.classes)
-    logged = {k: v for k, v in dataclasses.asdict(metrics).items() if k != "params"}
-    run_logging.log_evaluation(info.run_id, info.epochs, logged, {c: dataclasses.asdict(r) for c, r in report.items()})
-    evaluation.write_per_class(args.per_class, report)
-    evaluation.write_confusion_csv(args.confusion, val.labels, val_pred, meta.classes)
+    if meta.classes != val.classes or meta.seeds != tuple(info.seed_runs):
+        raise StageError(f"{args.checkpoint} (classes {list(meta.classes)}, seeds {list(meta.seeds)}) does not match "
+                         f"the splits ({list(val.classes)}) or {args.run_info}; rerun its train stage")
+    batch, per_seed, val_pred = params.evaluate.batch_size, {}, {}
+    for seed, model in models.items():
+        val_pred[seed] = predictions(model, val, meta, device, batch)
+        per_seed[seed] = evaluation.seed_metrics((train.labels, predictions(model, train, meta, device, batch)),
+                                                 (val.labels, val_pred[seed]))
+    speed = {"seconds_per_epoch": info.seconds_per_epoch, "group_seconds_per_epoch": info.group_seconds_per_epoch,
+             "images_per_second": info.images_per_second}
+    metrics = evaluation.model_metrics(per_seed, count_params(models[meta.seeds[0]]), speed)
+    report = evaluation.per_class(np.tile(val.labels, len(models)), np.concatenate(list(val_pred.values())), meta.classes)
+    aggregates = {k: v for k, v in evaluation.flat(metrics).items() if "_seed" not in k and k != "params"}
+    run_logging.log_evaluation(runs, info.epochs, per_seed, aggregates,
+                               {c: dataclasses.asdict(r) for c, r in report.items()})
+    evaluation.write_per_class(args.per_class, report, meta.seeds)
+    evaluation.write_confusion_csv(args.confusion, {s: val.labels for s in models}, val_pred, meta.classes)
     evaluation.write_metrics(args.metrics, metrics)
-    log.info("%s: train %.4f  val %.4f  (%d parameters)", args.model, metrics.train_acc, metrics.val_acc, metrics.params)
+    log.info("%s: train %.4f  val %.4f ± %s over %d seeds (%d parameters)", args.model, metrics.train_acc.mean,
+             metrics.val_acc.mean, f"{metrics.val_acc.std:.4f}" if metrics.val_acc.std is not None else "n/a",
+             metrics.val_acc.n, metrics.params)
 
 
 if __name__ == "__main__":

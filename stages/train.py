@@ -1,33 +1,36 @@
-"""Stage `train@<model>`: SGD on the normalised CIFAR-3 training split, logged to MLflow."""
+"""Stage `train@<model>`: the model's seed group trained together by SGD on the CIFAR-3 split, logged to MLflow."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import statistics
 from pathlib import Path
 
 import mlflow
 import torch
 
-from cifar3study import run_logging, tracking
+from cifar3study import run_logging, speedups, tracking
 from cifar3study.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cifar3study.cli import run_stage
 from cifar3study.dataset import read_split, read_stats
 from cifar3study.device import describe, device_name, resolve_device, seed_everything, set_numerics
 from cifar3study.history import EpochRecord, write_history
-from cifar3study.models import build_model, count_params, layer_table, normalize
+from cifar3study.models import count_params, layer_table, normalize
 from cifar3study.params import load_params, model_params
 from cifar3study.run_info import RunInfo, write_run_info
-from cifar3study.training import fit, median_epoch_seconds
+from cifar3study.training import fit, init_models, median_epoch_seconds, setup_group
 
 log = logging.getLogger("train")
 
 
-def report_epoch(row: EpochRecord) -> None:
-    run_logging.log_epoch(row)
-    log.info("epoch %3d  loss %.4f  train %.4f  val %.4f  %.2f s", row.epoch, row.train_loss,
-             row.train_acc_running, row.val_acc, row.seconds)
+def report_epoch(runs: tracking.GroupRuns, rows: list[EpochRecord]) -> None:
+    run_logging.log_epoch(runs, rows)
+    val = [r.val_acc for r in rows]
+    log.info("epoch %3d  loss %.4f  train %.4f  val %.4f (%.4f-%.4f over %d seeds)  %.2f s", rows[0].epoch,
+             statistics.fmean(r.train_loss for r in rows), statistics.fmean(r.train_acc_running for r in rows),
+             statistics.fmean(val), min(val), max(val), len(rows), rows[0].seconds)
 
 
 def main() -> None:
@@ -37,34 +40,37 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a key of the models section")
     args = parser.parse_args()
     params = load_params(args.params)
-    cfg = model_params(params, args.model)
+    cfg, seeds = model_params(params, args.model), params.train.seeds
     experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     for run_id in tracking.close_orphaned_runs(experiment_id):
         log.warning("closed run %s as KILLED: the process that ran it had died", run_id)
     device = resolve_device(params.train.device)
-    seed_everything(params.train.seed)
+    seed_everything(seeds[0])
     set_numerics(params.train.deterministic, params.train.tf32)
     train_split, val_split, stats = read_split(args.train), read_split(args.val), read_stats(args.stats)
     train = normalize(train_split.images, stats, device), torch.from_numpy(train_split.labels).to(device)
     val = normalize(val_split.images, stats, device), torch.from_numpy(val_split.labels).to(device)
-    model = build_model(cfg, len(train_split.classes)).to(device)
-    tags = {"model": args.model, "kind": "model", **tracking.process_tags(),
+    models = init_models(cfg, len(train_split.classes), seeds, device)
+    group = setup_group(models, seeds, params.train, speedups.batch_seeds(device))
+    tags = {"model": args.model, **tracking.process_tags(),
             **tracking.provenance_tags(os.environ, Path.cwd(), train_split.source_md5, describe(device))}
     name = run_logging.run_name(args.model, os.environ, run_logging.params_digest(args.model, params))
-    with tracking.run(experiment_id, run_name=name, tags=tags) as active:
-        run_logging.log_training_setup(args.model, params, count_params(model), layer_table(model))
+    with tracking.group_runs(experiment_id, name, seeds, tags) as runs:
+        run_logging.log_training_setup(runs, args.model, params, count_params(models[0]), layer_table(models[0]))
         mlflow.log_artifact(str(args.params))
-        history = fit(model, train, val, params.train, params.evaluate.batch_size, report_epoch)
-        save_checkpoint(args.checkpoint, model, CheckpointMeta(cfg, train_split.classes, stats))
-        seconds = median_epoch_seconds(history)
-        info = RunInfo(active.info.run_id, device_name(device), len(history), seconds, len(train[1]) / seconds)
-        mlflow.log_metrics({"seconds_per_epoch": info.seconds_per_epoch, "images_per_second": info.images_per_second})
+        history = fit(group, train, val, params.train, params.evaluate.batch_size, lambda rows: report_epoch(runs, rows))
+        save_checkpoint(args.checkpoint, models, CheckpointMeta(cfg, train_split.classes, stats, seeds))
+        group_seconds = median_epoch_seconds(history[0])
+        info = RunInfo(runs.parent, runs.seeds, device_name(device), len(history[0]), group_seconds,
+                       group_seconds / len(seeds), len(train[1]) * len(seeds) / group_seconds)
+        mlflow.log_metrics({"seconds_per_epoch": info.seconds_per_epoch, "images_per_second": info.images_per_second,
+                            "group_seconds_per_epoch": info.group_seconds_per_epoch})
         saved, _ = load_checkpoint(args.checkpoint)  # log exactly what was saved, on the CPU
-        run_logging.log_model(saved, val[0][:2].cpu().numpy())
-        write_history(args.history, history)
+        run_logging.log_models(runs, saved, val[0][:2].cpu().numpy())
+        write_history(args.history, [row for seed_history in history for row in seed_history])
         write_run_info(args.run_info, info)
-    log.info("%s: %.2f s per epoch, %.0f images/s on %s", args.model, info.seconds_per_epoch,
-             info.images_per_second, info.device)
+    log.info("%s: %d seeds, %.2f s per epoch of the group (%.2f per seed) on %s", args.model, len(seeds),
+             info.group_seconds_per_epoch, info.seconds_per_epoch, info.device)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage `visualize`: what the CNN's convolutions learned, and what they do to real images."""
+"""Stage `visualize`: what one seed of the CNN learned in its convolutions, and what they do to real images."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cifar3study import conv_views, figures, run_logging, tracking
 from cifar3study.checkpoint import load_checkpoint
 from cifar3study.cli import run_stage
 from cifar3study.dataset import read_split
+from cifar3study.errors import StageError
 from cifar3study.files import atomic_path
 from cifar3study.params import load_params
 from cifar3study.run_info import read_run_info
@@ -24,18 +25,22 @@ def main() -> None:
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    name, seed = params.visualize.model, params.visualize.seed
     info = read_run_info(args.run_info)
-    model, meta = load_checkpoint(args.checkpoint)
-    model = conv_views.require_convnet(model, meta, str(args.checkpoint))
+    models, meta = load_checkpoint(args.checkpoint)
+    if seed not in models or seed not in info.seed_runs:
+        raise StageError(f"{args.checkpoint} holds seeds {list(models)}, not visualize.seed {seed}; "
+                         f"rerun train@{name} or pick one of those")
+    model = conv_views.require_convnet(models[seed], meta, str(args.checkpoint))
     split = read_split(args.val)
     experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)  # fails fast, before drawing
-    tracking.model_run(info.run_id, experiment_id, params.visualize.model)
+    tracking.check_group(tracking.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
     drawn = conv_views.figures(model, meta, split)
-    for name, fig in drawn.items():
-        with atomic_path(args.out_dir / name) as tmp:
+    for file_name, fig in drawn.items():
+        with atomic_path(args.out_dir / file_name) as tmp:
             figures.save_png(fig, tmp)
-    run_logging.log_figures(info.run_id, drawn, "visualize")
-    log.info("wrote %d figures to %s and logged them to run %s", len(drawn), args.out_dir, info.run_id)
+    run_logging.log_figures(info.seed_runs[seed], drawn, "visualize")
+    log.info("wrote %d figures of %s seed %d to %s and logged them to its run", len(drawn), name, seed, args.out_dir)
 
 
 if __name__ == "__main__":

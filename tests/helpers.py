@@ -140,9 +140,9 @@ def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
 
 
 def tiny_params(tmp_path: Path, **train: object) -> Path:
-    """The repo's params.yaml with a short training run; `train` overrides train.* keys."""
+    """The repo's params.yaml with a short training run of two seeds; `train` overrides train.* keys."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"].update({"epochs": 2, "batch_size": 32, **train})
+    raw["train"].update({"epochs": 2, "batch_size": 32, "seeds": [0, 1], **train})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

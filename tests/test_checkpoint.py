@@ -15,22 +15,30 @@ from cifar3study.params import ModelParams
 from tests.helpers import CIFAR3_CLASSES
 
 CNN = ModelParams(arch="cnn", activation="tanh", hidden=(32,), channels=(16, 8), kernel_size=3, padding=1, pool=2)
-META = CheckpointMeta(CNN, CIFAR3_CLASSES, ChannelStats((0.5,) * 3, (0.25,) * 3))
+META = CheckpointMeta(CNN, CIFAR3_CLASSES, ChannelStats((0.5,) * 3, (0.25,) * 3), (0, 7))
 
 
-def test_round_trip_of_a_channels_last_model(tmp_path: Path) -> None:
-    """Weights come back bitwise; logits agree to float rounding (NCHW and NHWC use different kernels)."""
-    model = build_model(CNN, 3)
-    model.to(memory_format=torch.channels_last)  # as trained
+def group() -> list[torch.nn.Module]:
+    models = []
+    for seed in META.seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(CNN, 3).to(memory_format=torch.channels_last))  # as trained
+    return models
+
+
+def test_round_trip_of_a_channels_last_seed_group(tmp_path: Path) -> None:
+    """Each seed's weights come back bitwise, by seed; logits agree to float rounding (NCHW and NHWC kernels differ)."""
+    models = group()
     path = tmp_path / "cnn.pt"
-    save_checkpoint(path, model, META)
+    save_checkpoint(path, models, META)
     rebuilt, meta = load_checkpoint(path)
-    assert meta == META
-    for (key, saved), loaded in zip(model.state_dict().items(), rebuilt.state_dict().values(), strict=True):
-        assert torch.equal(saved, loaded), key
-    x = torch.randn(5, 3, 32, 32)
-    torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=1e-6)
-    assert not rebuilt.training
+    assert meta == META and list(rebuilt) == [0, 7]
+    for model, seed in zip(models, META.seeds, strict=True):
+        for (key, saved), loaded in zip(model.state_dict().items(), rebuilt[seed].state_dict().values(), strict=True):
+            assert torch.equal(saved, loaded), key
+        x = torch.randn(5, 3, 32, 32)
+        torch.testing.assert_close(rebuilt[seed](x), model.eval()(x), rtol=0, atol=1e-6)
+        assert not rebuilt[seed].training
     assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]  # no temp file left
 
 
@@ -43,16 +51,17 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(torch, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "x.pt", build_model(CNN, 3), META)
+        save_checkpoint(tmp_path / "x.pt", group(), META)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint", None])
-def test_foreign_checkpoint_is_one_line_error(tmp_path: Path, content: bytes | None) -> None:
+@pytest.mark.parametrize("content", [b"not a checkpoint", {"state_dict": {}, "config": {"arch": "fc"}},
+                                     {"format": 1, "state_dict": {}}])
+def test_foreign_or_old_checkpoint_is_one_line_error(tmp_path: Path, content: object) -> None:
     path = tmp_path / "x.pt"
-    if content is None:
-        torch.save({"state_dict": {}, "config": {"arch": "fc"}}, path)  # loads, but is not ours
-    else:
+    if isinstance(content, bytes):
         path.write_bytes(content)
+    else:
+        torch.save(content, path)  # loads, but is not a seed-group checkpoint of ours
     with pytest.raises(StageError, match="is not a checkpoint of this project"):
         load_checkpoint(path)

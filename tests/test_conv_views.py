@@ -39,7 +39,7 @@ def model(cfg: ModelParams, seed: int = 0) -> nn.Module:
 
 
 def meta() -> CheckpointMeta:
-    return CheckpointMeta(CNN, CLASSES, STATS)
+    return CheckpointMeta(CNN, CLASSES, STATS, (0,))
 
 
 # --- hand-made kernels -------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_changed_channels_still_visualize() -> None:
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
 def test_fc_checkpoint_is_refused_with_one_line() -> None:
-    fc_meta = CheckpointMeta(FC, CLASSES, STATS)
+    fc_meta = CheckpointMeta(FC, CLASSES, STATS, (0,))
     with pytest.raises(StageError, match=r"visualize needs a conv model; fc.pt holds arch=fc"):
         conv_views.require_convnet(model(FC), fc_meta, "fc.pt")
 

@@ -52,7 +52,12 @@ def test_repo_params_load_and_every_field_is_set(raw: dict) -> None:
     (("train", "lr"), float("nan"), "train.lr must be a finite number"),
     (("data", "timeout"), float("inf"), "data.timeout must be a finite number"),
     (("data", "deadline"), 1, "data.deadline must be >= data.timeout"),
-    (("train", "seed"), 2**32, "train.seed must be between 0 and 4294967295"),
+    (("train", "seeds"), [0, 2**32], "train.seeds must be between 0 and 4294967295"),
+    (("train", "seeds"), [], "train.seeds must list at least one seed"),
+    (("train", "seeds"), [1, 2, 1], "train.seeds must not repeat a seed"),
+    (("train", "seeds"), [0, 1.5], "train.seeds[1] must be an integer"),
+    (("train", "seeds"), 3, "train.seeds must be a list"),
+    (("visualize", "seed"), 9, "visualize.seed must be one of train.seeds"),
     (("visualize", "model"), "wide", "visualize.model must name a model with arch: cnn"),
 ])
 def test_bad_value_names_the_key(raw: dict, path: tuple, value: object, needle: str) -> None:
@@ -71,8 +76,8 @@ def test_unknown_and_missing_keys_are_named(raw: dict) -> None:
     with pytest.raises(ParamError, match=r"train\.learning_rate is not a known key"):
         parse_params(typo)
     missing = copy.deepcopy(raw)
-    del missing["train"]["seed"]
-    with pytest.raises(ParamError, match=r"train\.seed is missing"):
+    del missing["train"]["seeds"]
+    with pytest.raises(ParamError, match=r"train\.seeds is missing"):
         parse_params(missing)
     conv = copy.deepcopy(raw)
     del conv["models"]["cnn"]["pool"]

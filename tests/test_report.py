@@ -1,29 +1,56 @@
-"""The comparison table and the learning-curve table compare writes."""
+"""The comparison report: mean ± spread per model, and Welch's test of the difference, on known answers."""
 
 from __future__ import annotations
 
 import pytest
 
-from cifar3study.evaluation import ModelMetrics
+from cifar3study.evaluation import model_metrics, spread
 from cifar3study.history import EpochRecord
-from cifar3study.report import comparison_table, curves_table, to_markdown
+from cifar3study.report import comparison_table, curves_table, differences, to_markdown, welch
 
-METRICS = {"fc": ModelMetrics(3_737_603, 1.0, 0.75, 0.25, 0.74, 2.5, 6000.0),
-           "cnn": ModelMetrics(18_123, 0.93, 0.87, 0.06, 0.86, 1.5, 10_000.0)}
+SPEED = {"seconds_per_epoch": 1.5, "group_seconds_per_epoch": 4.5, "images_per_second": 3e4}
 
 
-def test_table_lists_smallest_model_first_with_its_numbers() -> None:
-    table = comparison_table(METRICS)
-    assert table["model"].tolist() == ["cnn", "fc"]
-    assert table.loc[1, "val_acc"] == 0.75 and table.loc[0, "params"] == 18_123
-    md = to_markdown(table)
-    assert "| cnn     |    18,123 |" in md and "3,737,603" in md and "0.8700" in md
+def group(val: list[float], train: float = 0.9) -> dict[int, dict[str, float]]:
+    return {k: {"train_acc": train, "val_acc": v, "gap": train - v, "val_macro_f1": v} for k, v in enumerate(val)}
+
+
+def test_welch_on_a_textbook_example() -> None:
+    """a = 1, 2, 3 and b = 4, 5, 6: difference -3, se sqrt(2/3), 4 degrees of freedom."""
+    ci, p = welch(spread({0: 1.0, 1: 2.0, 2: 3.0}), spread({0: 4.0, 1: 5.0, 2: 6.0}))
+    half = 2.776445 * (2 / 3) ** 0.5  # t(0.975, 4 df) * se
+    assert ci == pytest.approx((-3 - half, -3 + half))
+    assert p == pytest.approx(0.02131, abs=1e-4)  # t = -3.674 on 4 df, two-sided
+
+
+def test_interval_and_p_value_agree_on_significance() -> None:
+    for b in ([0.80, 0.81, 0.79], [0.70, 0.90, 0.80], [0.84, 0.86, 0.85]):
+        ci, p = welch(spread({0: 0.84, 1: 0.86, 2: 0.85}), spread(dict(enumerate(b))))
+        assert (ci[0] > 0 or ci[1] < 0) == (p < 0.05)
+
+
+def test_one_seed_gives_a_difference_but_no_test() -> None:
+    metrics = {"cnn": model_metrics(group([0.87]), 18_123, SPEED), "fc": model_metrics(group([0.75]), 3_737_603, SPEED)}
+    (d,) = differences(metrics)
+    assert (d.a, d.b, d.ci95, d.p_value) == ("cnn", "fc", None, None) and d.diff == pytest.approx(0.12)
+    assert "p n/a (needs 2+ seeds per model)" in to_markdown(comparison_table(metrics), [d])
+
+
+def test_report_lists_smallest_first_with_mean_std_and_interval() -> None:
+    metrics = {"fc": model_metrics(group([0.74, 0.75, 0.76], 1.0), 3_737_603, SPEED),
+               "cnn": model_metrics(group([0.86, 0.87, 0.88], 0.93), 18_123, SPEED)}
+    table = comparison_table(metrics)
+    assert table["model"].tolist() == ["cnn", "fc"] and table["seeds"].tolist() == [3, 3]
+    assert table.loc[0, "val_acc"] == pytest.approx(0.87) and table.loc[0, "val_acc_std"] == pytest.approx(0.01)
+    md = to_markdown(table, differences(metrics))
+    assert "| cnn | 18,123 | 3 | 0.9300 ± 0.0000 | 0.8700 ± 0.0100 | [0.8452, 0.8948] |" in md
+    assert "- cnn − fc: +0.1200, 95% CI [" in md and ", p = " in md
 
 
 def test_curves_table_has_mean_min_max_over_seeds_per_model_and_epoch() -> None:
-    fc = [[EpochRecord(1, 1.0, 0.4, 1.1, 0.5, 9.0), EpochRecord(2, 0.8, 0.6, 1.0, 0.6, 9.0)],
-          [EpochRecord(1, 0.8, 0.4, 0.9, 0.7, 9.0), EpochRecord(2, 0.6, 0.6, 0.8, 0.8, 9.0)]]
-    cnn = [[EpochRecord(1, 0.9, 0.5, 0.9, 0.55, 3.0)]]
+    fc = [EpochRecord(0, 1, 1.0, 0.4, 1.1, 0.5, 9.0), EpochRecord(0, 2, 0.8, 0.6, 1.0, 0.6, 9.0),
+          EpochRecord(1, 1, 0.8, 0.4, 0.9, 0.7, 9.0), EpochRecord(1, 2, 0.6, 0.6, 0.8, 0.8, 9.0)]
+    cnn = [EpochRecord(0, 1, 0.9, 0.5, 0.9, 0.55, 3.0)]
     table = curves_table({"fc": fc, "cnn": cnn})
     assert table.columns.tolist()[:5] == ["model", "epoch", "train_loss_mean", "train_loss_min", "train_loss_max"]
     assert table["model"].tolist() == ["fc", "fc", "cnn"] and table["epoch"].tolist() == [1, 2, 1]

@@ -10,7 +10,7 @@ import pytest
 from cifar3study.errors import StageError
 from cifar3study.run_info import RunInfo, read_run_info, write_run_info
 
-INFO = RunInfo("a" * 32, "cpu (x86_64, 2 threads)", 100, 1.5, 10_000.0)
+INFO = RunInfo("a" * 32, {0: "b" * 32, 7: "c" * 32}, "cpu (x86_64, 2 threads)", 100, 3.0, 1.5, 10_000.0)
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -23,9 +23,14 @@ def test_round_trip(tmp_path: Path) -> None:
     ({"epochs": "100"}, "epochs is '100', not a int"),
     ({"epochs": True}, "epochs is True, not a int"),
     ({"seconds_per_epoch": "fast"}, "seconds_per_epoch is 'fast', not a float"),
+    ({"run_id": "../../etc"}, "run_id '../../etc' is not an MLflow run id"),
+    ({"seed_runs": {"0": "x"}}, r"seed_runs\[0\] 'x' is not an MLflow run id"),
+    ({"seed_runs": {"zero": "b" * 32}}, "seed_runs must map seeds to run ids"),
+    ({"seed_runs": {}}, "seed_runs must map seeds to run ids"),
 ])
 def test_malformed_field_is_named(tmp_path: Path, change: dict, needle: str) -> None:
-    (tmp_path / "r.json").write_text(json.dumps({**INFO.__dict__, **change}))
+    write_run_info(tmp_path / "r.json", INFO)
+    (tmp_path / "r.json").write_text(json.dumps({**json.loads((tmp_path / "r.json").read_text()), **change}))
     with pytest.raises(StageError, match=needle):
         read_run_info(tmp_path / "r.json")
 

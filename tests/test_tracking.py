@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -179,12 +180,12 @@ def test_run_of_a_killed_process_is_closed_by_the_next_one(store: str, tmp_path:
 def test_a_run_of_another_experiment_or_model_is_refused(store: str, tmp_path: Path) -> None:
     mine = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "mine")
     other = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "other")
-    with tracking.run(other, tags={"model": "cnn"}) as foreign, tracking.run(mine, tags={"model": "fc"}, nested=True) \
-            as fc_run:
+    with tracking.run(other, tags={"model": "cnn", "kind": "model"}) as foreign, \
+            tracking.run(mine, tags={"model": "fc", "kind": "model"}, nested=True) as fc_run:
         pass
-    with pytest.raises(StageError, match="belongs to experiment"):
+    with pytest.raises(StageError, match=f"in experiment {other}, not the cnn run of experiment {mine}"):
         tracking.model_run(foreign.info.run_id, mine, "cnn")
-    with pytest.raises(StageError, match="model 'fc', not to this cnn run"):
+    with pytest.raises(StageError, match=r"'model' run of model 'fc' .*not the cnn run"):
         tracking.model_run(fc_run.info.run_id, mine, "cnn")
     assert tracking.model_run(fc_run.info.run_id, mine, "fc").info.run_id == fc_run.info.run_id
 
@@ -196,3 +197,24 @@ def test_experiment_carries_the_comparison_view(store: str, tmp_path: Path) -> N
     page = tracking.runs_page("http://team:5000", experiment)
     assert page == f"http://team:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" \
                    "&viewStateShareKey=comparison"
+
+
+@pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_group_runs_nest_every_seed_and_end_together(store: str, tmp_path: Path, error: type | None, status: str) -> None:
+    experiment = tracking.connect({"MLFLOW_TRACKING_URI": store}, tmp_path, "x")
+    with pytest.raises(error) if error else contextlib.nullcontext(), \
+            tracking.group_runs(experiment, "cnn-abc", (0, 5), {"model": "cnn"}) as runs:
+        if error:
+            raise error
+    client = MlflowClient(store)
+    parent = client.get_run(runs.parent)
+    assert parent.info.status == status and parent.data.tags["kind"] == "model" and parent.info.run_name == "cnn-abc"
+    for seed, run_id in runs.seeds.items():
+        child = client.get_run(run_id)
+        assert child.info.status == status and child.info.run_name == f"cnn-abc-seed{seed}"
+        assert child.data.tags["mlflow.parentRunId"] == runs.parent and child.data.tags["seed"] == str(seed)
+    tracking.check_group(runs, experiment, "cnn")
+    with pytest.raises(StageError, match="is not seed 5"):
+        tracking.check_group(tracking.GroupRuns(runs.parent, {5: runs.seeds[0]}), experiment, "cnn")
+    with pytest.raises(StageError, match="is a 'seed' run of model 'cnn'"):  # a seed run is not the model's run
+        tracking.model_run(runs.seeds[0], experiment, "cnn")

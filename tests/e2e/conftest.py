@@ -59,7 +59,7 @@ def make_repo(tmp_path_factory: pytest.TempPathFactory, archive_server: tuple[st
         copy_project(repo)
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["data"].update({"url": archive_server[0], "md5": archive_server[1]})
-        params["train"].update({"epochs": 2, "batch_size": 32, **train})
+        params["train"].update({"epochs": 2, "batch_size": 32, "seeds": [0, 1], **train})
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         sh(repo, "git", "init", "-q")
         sh(repo, "git", "add", "-A")

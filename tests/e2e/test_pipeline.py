@@ -39,11 +39,12 @@ def test_repro_builds_every_output(repo: Path, first_repro: str) -> None:
     assert "3,737,603" in table and "18,123" in table
 
 
-def test_mlflow_store_holds_both_runs(repo: Path, first_repro: str) -> None:
+def test_mlflow_store_holds_each_model_with_its_seeds(repo: Path, first_repro: str) -> None:
     with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute("select t.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
-                          "where t.key = 'model'").fetchall()
-    assert sorted(rows) == [("cnn", "FINISHED"), ("fc", "FINISHED")]
+        rows = db.execute("select m.value, k.value, r.status from runs r join tags m on m.run_uuid = r.run_uuid "
+                          "join tags k on k.run_uuid = r.run_uuid where m.key = 'model' and k.key = 'kind'").fetchall()
+    assert sorted(rows) == sorted([(m, "model", "FINISHED") for m in ("cnn", "fc")] +
+                                  [(m, "seed", "FINISHED") for m in ("cnn", "fc") for _ in (0, 1)])
     assert (repo / "mlruns").is_dir()
 
 
@@ -57,7 +58,8 @@ def test_metrics_show_lists_both_models(repo: Path, first_repro: str) -> None:
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
     assert files["data/metrics/fc.json"]["data"]["params"] == 3_737_603
-    assert files["data/metrics/cnn.json"]["data"]["params"] == 18_123
+    cnn = files["data/metrics/cnn.json"]["data"]
+    assert cnn["params"] == 18_123 and cnn["val_acc_n"] == 2 and {"val_acc_std", "val_acc_seed1"} <= cnn.keys()
 
 
 def test_plots_render_offline(repo: Path, first_repro: str) -> None:
@@ -94,9 +96,19 @@ def test_experiment_reruns_only_training_and_is_listed(repo: Path, first_repro: 
     shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json")))
     assert '"lr": 0.02' in shown and '"lr": 0.01' in shown
     with sqlite3.connect(repo / "mlflow.db") as db:
-        names = db.execute("select r.name from runs r join tags t on t.run_uuid = r.run_uuid "
-                           "where t.key = 'model' and t.value = 'cnn'").fetchall()
+        names = db.execute("select r.name from runs r join tags m on m.run_uuid = r.run_uuid join tags k on "
+                           "k.run_uuid = r.run_uuid where m.key = 'model' and m.value = 'cnn' and k.key = 'kind' "
+                           "and k.value = 'model'").fetchall()
     assert len(names) == 2 and names[0] != names[1]  # the two setups are told apart in the runs table
+
+
+def test_a_one_seed_experiment_runs_and_is_listed(repo: Path, first_repro: str) -> None:
+    sh(repo, "dvc", "exp", "run", "-S", "train.seeds=[0]", "-n", "one-seed")
+    experiments = json.loads(sh(repo, "dvc", "exp", "show", "--json"))[1]["experiments"]
+    (one,) = [e for e in experiments if e["name"] == "one-seed"]
+    data = one["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["seeds"] == [0]
+    assert data["metrics"]["data/metrics/cnn.json"]["data"]["val_acc_n"] == 1
 
 
 def test_temp_experiment_logs_to_the_repo_store(repo: Path, first_repro: str) -> None:

@@ -58,6 +58,8 @@ def test_every_model_run_is_finished_with_its_artifacts_in_the_repo(queued: tupl
     assert experiment.artifact_location == (repo / "mlruns").as_uri()
     runs = client.search_runs([experiment.experiment_id], "tags.kind = 'model'")
     assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(f"lr-{lr}" for lr in LRS for _ in (0, 1))
+    seeds = client.search_runs([experiment.experiment_id], "tags.kind = 'seed'")
+    assert len(seeds) == 2 * len(runs) and {r.info.status for r in seeds} == {"FINISHED"}
     assert {r.info.status for r in runs} == {"FINISHED"}
     for found in runs:  # the temporary workspaces are gone; the artifacts are not
         local = Path(found.info.artifact_uri.removeprefix("file://"))

@@ -23,9 +23,11 @@ def test_report_and_figures(outputs: Outputs, tmp_path: Path) -> None:
     done = compare(outputs, tmp_path / "reports")
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "reports" / "comparison.md").read_text()
-    assert table.index("18,123") < table.index("3,737,603")
+    assert table.index("18,123") < table.index("3,737,603") and "| 2 |" in table and " ± " in table
+    assert "- cnn − fc: " in table and "95% CI [" in table
     curves = (tmp_path / "reports" / "learning_curves.csv").read_text().splitlines()
-    assert curves[0].startswith("model,epoch,") and len(curves) == 1 + 2 * 2
+    assert curves[0].startswith("model,epoch,train_loss_mean,") and len(curves) == 1 + 2 * 2
+    assert (tmp_path / "reports" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     client = MlflowClient(outputs.uri)
     for model in ("fc", "cnn"):
         run_id = json.loads((outputs.root / "runs" / f"{model}.json").read_text())["run_id"]
@@ -33,6 +35,7 @@ def test_report_and_figures(outputs: Outputs, tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name("cifar3").experiment_id
     comparison = client.search_runs([experiment], "tags.kind = 'comparison'")
     assert comparison and comparison[0].data.metrics["cnn.params"] == 18_123
+    assert "cnn-fc.p_value" in comparison[0].data.metrics and comparison[0].info.status == "FINISHED"
 
 
 def test_a_model_in_params_without_outputs_is_one_line(outputs: Outputs, tmp_path: Path) -> None:

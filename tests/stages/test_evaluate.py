@@ -13,29 +13,36 @@ from tests.helpers import last_line, run_stage
 from tests.stages.conftest import Outputs
 
 
-def test_metrics_file_and_run_agree(outputs: Outputs) -> None:
+def test_metrics_file_and_runs_agree(outputs: Outputs) -> None:
+    client = MlflowClient(outputs.uri)
     for model, params in (("fc", 3_737_603), ("cnn", 18_123)):
         metrics = read_metrics(outputs.root / "metrics" / f"{model}.json")
-        assert metrics.params == params and 0 <= metrics.val_acc <= 1
-        run_id = json.loads((outputs.root / "runs" / f"{model}.json").read_text())["run_id"]
-        run = MlflowClient(outputs.uri).get_run(run_id)
-        for key in ("train_acc", "val_acc", "gap", "val_macro_f1", "seconds_per_epoch", "images_per_second"):
-            assert run.data.metrics[key] == pytest.approx(getattr(metrics, key)), key
-        assert run.info.status == "FINISHED"
+        assert metrics.params == params and metrics.val_acc.n == 2 and 0 <= metrics.val_acc.mean <= 1
+        info = json.loads((outputs.root / "runs" / f"{model}.json").read_text())
+        parent = client.get_run(info["run_id"])
+        for key in ("train_acc", "val_acc", "gap", "val_macro_f1"):
+            spread = getattr(metrics, key)
+            assert parent.data.metrics[key] == pytest.approx(spread.mean), key
+            assert parent.data.metrics[f"{key}_std"] == pytest.approx(spread.std), key
+            for seed, run_id in info["seed_runs"].items():
+                assert client.get_run(run_id).data.metrics[key] == pytest.approx(spread.per_seed[int(seed)])
+        assert parent.data.metrics["seconds_per_epoch"] == pytest.approx(metrics.seconds_per_epoch)
+        assert parent.info.status == "FINISHED"
 
 
 def test_final_metrics_end_the_learning_curves(outputs: Outputs) -> None:
     run_id = json.loads((outputs.root / "runs" / "cnn.json").read_text())["run_id"]
     curve = sorted(MlflowClient(outputs.uri).get_metric_history(run_id, "val_acc"), key=lambda m: (m.step, m.timestamp))
     assert [m.step for m in curve] == [1, 2, 2]  # per epoch, then the evaluate stage's final value
-    assert curve[-1].value == pytest.approx(read_metrics(outputs.root / "metrics" / "cnn.json").val_acc)
+    assert curve[-1].value == pytest.approx(read_metrics(outputs.root / "metrics" / "cnn.json").val_acc.mean)
 
 
 def test_per_class_and_confusion_files(outputs: Outputs) -> None:
     per_class = json.loads((outputs.root / "eval" / "cnn" / "per_class.json").read_text())
-    assert list(per_class) == ["airplane", "automobile", "ship"]
+    assert per_class["pooled_over_seeds"] == [0, 1] and list(per_class["classes"]) == ["airplane", "automobile", "ship"]
     rows = (outputs.root / "eval" / "cnn" / "confusion.csv").read_text().splitlines()
-    assert rows[0] == "actual,predicted" and len(rows) == 1 + sum(r["support"] for r in per_class.values())
+    assert rows[0] == "actual,predicted,seed" and len(rows) == 1 + sum(r["support"] for r in per_class["classes"].values())
+    assert {row.rsplit(",", 1)[1] for row in rows[1:]} == {"0", "1"}
 
 
 def evaluate(outputs: Outputs, run_info: Path, tmp_path: Path, model: str = "cnn"):
@@ -52,7 +59,7 @@ def test_a_run_of_another_experiment_is_refused_and_untouched(outputs: Outputs, 
     foreign = client.create_run(client.create_experiment(f"other-{tmp_path.name}"), tags={"model": "cnn"})
     info = json.loads((outputs.root / "runs" / "cnn.json").read_text())
     (tmp_path / "r.json").write_text(json.dumps({**info, "run_id": foreign.info.run_id}))
-    assert "belongs to experiment" in last_line(evaluate(outputs, tmp_path / "r.json", tmp_path))
+    assert "not the cnn run of experiment" in last_line(evaluate(outputs, tmp_path / "r.json", tmp_path))
     assert client.get_run(foreign.info.run_id).data.metrics == {}
     assert not (tmp_path / "out").exists()
 
@@ -67,4 +74,4 @@ def test_a_malformed_record_is_one_line_and_leaves_the_run_finished(outputs: Out
 
 def test_the_fc_run_is_refused_for_the_cnn(outputs: Outputs, tmp_path: Path) -> None:
     line = last_line(evaluate(outputs, outputs.root / "runs" / "fc.json", tmp_path))
-    assert "model 'fc', not to this cnn run" in line
+    assert "run of model 'fc'" in line and "not the cnn run" in line

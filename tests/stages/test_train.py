@@ -52,23 +52,34 @@ def test_run_holds_provenance_tags(outputs: Outputs) -> None:
     assert tags["mlflow.source.git.commit"] == (head or "unknown")
 
 
-def test_history_has_one_row_per_epoch(outputs: Outputs) -> None:
-    history = read_history(outputs.root / "history" / "cnn.csv")
-    assert [r.epoch for r in history] == [1, 2]
-    curve = MlflowClient(outputs.uri).get_metric_history(cnn_run(outputs).info.run_id, "train_loss")
-    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx([r.train_loss for r in history])
+def seed_runs(outputs: Outputs, model: str = "cnn") -> dict[int, mlflow.entities.Run]:
+    info = json.loads((outputs.root / "runs" / f"{model}.json").read_text())
+    return {int(seed): MlflowClient(outputs.uri).get_run(run_id) for seed, run_id in info["seed_runs"].items()}
 
 
-def test_logged_model_gives_the_checkpoint_logits(outputs: Outputs) -> None:
+def test_each_seed_is_a_nested_run_with_its_own_curves(outputs: Outputs) -> None:
+    history, client, parent = read_history(outputs.root / "history" / "cnn.csv"), MlflowClient(outputs.uri), cnn_run(outputs)
+    assert [(r.seed, r.epoch) for r in history] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for seed, child in seed_runs(outputs).items():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.params["seed"] == str(seed)
+        assert child.info.status == "FINISHED" and child.info.run_name == f"{parent.info.run_name}-seed{seed}"
+        curve = sorted(client.get_metric_history(child.info.run_id, "train_loss"), key=lambda m: m.step)
+        assert [m.value for m in curve] == pytest.approx([r.train_loss for r in history if r.seed == seed])
+    mean = sorted(client.get_metric_history(parent.info.run_id, "train_loss"), key=lambda m: m.step)
+    assert mean[0].value == pytest.approx(sum(r.train_loss for r in history if r.epoch == 1) / 2)
+
+
+def test_each_logged_model_gives_its_checkpoint_logits(outputs: Outputs) -> None:
+    models, meta = load_checkpoint(outputs.root / "models" / "cnn.pt")
+    x = normalize(read_split(outputs.data / "val.npz").images[:5], meta.stats, torch.device("cpu"))
     mlflow.set_tracking_uri(outputs.uri)
     try:
-        logged = mlflow.pytorch.load_model(cnn_run(outputs).data.tags["model_uri"])
+        for seed, child in seed_runs(outputs).items():
+            logged = mlflow.pytorch.load_model(child.data.tags["model_uri"])
+            with torch.no_grad():
+                np.testing.assert_allclose(logged(x).numpy(), models[seed](x).numpy(), rtol=0, atol=1e-6)
     finally:
         mlflow.set_tracking_uri(None)
-    model, meta = load_checkpoint(outputs.root / "models" / "cnn.pt")
-    x = normalize(read_split(outputs.data / "val.npz").images[:5], meta.stats, torch.device("cpu"))
-    with torch.no_grad():
-        np.testing.assert_allclose(logged(x).numpy(), model(x).numpy(), rtol=0, atol=1e-6)
 
 
 def test_failing_training_ends_failed_and_writes_nothing(tmp_path: Path, cifar3_dir: Path) -> None:
@@ -80,7 +91,7 @@ def test_failing_training_ends_failed_and_writes_nothing(tmp_path: Path, cifar3_
     assert "models" in last_line(done)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("cifar3").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    assert [r.info.status for r in runs] == ["FAILED"] * 3  # the model's run and its two seeds
     assert not (tmp_path / "runs").exists() and not (tmp_path / "history").exists()
 
 
@@ -105,18 +116,19 @@ def test_a_sigkilled_training_run_is_closed_by_the_next_one(tmp_path: Path, cifa
     victim = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client, deadline = MlflowClient(uri), time.monotonic() + 120
-    while not (running := client.search_runs([client.get_experiment_by_name("cifar3").experiment_id])
-               if client.get_experiment_by_name("cifar3") else []):
+    while len(running := client.search_runs([client.get_experiment_by_name("cifar3").experiment_id])
+               if client.get_experiment_by_name("cifar3") else []) < 3:
         assert victim.poll() is None and time.monotonic() < deadline, victim.stderr.read()[-2000:]
         time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    assert client.get_run(running[0].info.run_id).info.status == "RUNNING"
+    orphans = [r.info.run_id for r in running]
+    assert len(orphans) == 3 and {client.get_run(r).info.status for r in orphans} == {"RUNNING"}  # parent + 2 seeds
     done = run_stage("train", *train_args(tmp_path, cifar3_dir, tiny_params(tmp_path, epochs=1), "cnn"),
                      env={"MLFLOW_TRACKING_URI": uri})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert client.get_run(running[0].info.run_id).info.status == "KILLED"
-    assert "closed run" in done.stderr
+    assert {client.get_run(r).info.status for r in orphans} == {"KILLED"}
+    assert done.stderr.count("closed run") == 3
 
 
 def test_fc_and_cnn_runs_share_param_keys_and_have_distinct_names(outputs: Outputs) -> None:

@@ -25,7 +25,7 @@ def test_writes_pngs_and_logs_them_to_the_run(outputs: Outputs, tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == FIGURES
     assert all((tmp_path / "plots" / n).read_bytes().startswith(b"\x89PNG") for n in FIGURES)
-    run_id = json.loads((outputs.root / "runs" / "cnn.json").read_text())["run_id"]
+    run_id = json.loads((outputs.root / "runs" / "cnn.json").read_text())["seed_runs"]["0"]  # visualize.seed 0
     logged = MlflowClient(outputs.uri).list_artifacts(run_id, "visualize")
     assert sorted(a.path for a in logged) == [f"visualize/{n}" for n in FIGURES]
 
