@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-requirements
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test lint bench clean-venv
+.PHONY: repro test lint bench team-up team-down clean-venv
 
 # Reinstall only when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -25,6 +25,13 @@ test: lint
 
 bench: $(STAMP)
 	python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
+
+# A team's stack on loopback (PostgreSQL, S3, MLflow server, DVC remote): eval "$$(make -s team-up)".
+team-up: $(STAMP)
+	python -m cifar3study.team_stack up
+
+team-down: $(STAMP)
+	python -m cifar3study.team_stack down
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,6 +12,8 @@ from cifar3study.errors import StageError, one_line
 
 log = logging.getLogger("stage")
 DEBUG_ENV = "CIFAR3_DEBUG"  # set to 1 to see the traceback of an unexpected error
+# Errors of the MLflow client and the HTTP stack under it; matched by module, as most stages never import them.
+TRACKING_ERRORS = ("mlflow.", "requests.", "urllib3.")
 
 
 def setup_logging() -> None:
@@ -44,4 +46,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise
+        if type(err).__module__.startswith(TRACKING_ERRORS):
+            _fail(f"MLflow request failed ({err}); check that the tracking server and its artifact store "
+                  f"(bucket, credentials) are up, then rerun", 1)
         _fail(f"unexpected {type(err).__name__}: {err}; rerun with {DEBUG_ENV}=1 for the traceback and report it", 2)

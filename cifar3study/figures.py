@@ -83,6 +83,8 @@ def accuracy_vs_params(metrics: dict[str, ModelMetrics]) -> Figure:
         ax.annotate(f"{name} ({acc.mean:.3f}, n={acc.n})", (m.params, acc.mean), textcoords="offset points",
                     xytext=(8, 6))
     ax.set_xscale("log")
+    sizes = [m.params for m in metrics.values()]
+    ax.set_xlim(min(sizes) / 3, max(sizes) * 6)  # room for the labels right of each point
     ax.set(xlabel="parameters (log scale)", ylabel="validation accuracy",
            title="CIFAR-3: accuracy vs size (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")

@@ -37,6 +37,9 @@ EXPERIMENT_NOTE = (
     "train_loss / val_acc curves per epoch."
 )
 FIRST_USE_SECONDS = 300  # how long a process waits for another one creating the store or experiment
+# A tracking server that went away fails a stage in seconds, not after MLflow's ~4 minutes of retries.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 VIEW_KEY = "comparison"  # the saved runs-table view: open the runs page with viewStateShareKey=comparison
 VIEW_COLUMNS = ["tags.`model`", "metrics.`param_count`", "metrics.`train_acc`", "metrics.`val_acc`", "metrics.`gap`",
                 "metrics.`seconds_per_epoch`", "params.`train.lr`", "params.`train.epochs`", "tags.`dvc.exp_name`"]
@@ -116,6 +119,9 @@ def connect(env: Mapping[str, str], cwd: Path, experiment: str) -> str:
     # Decided before set_tracking_uri, which writes MLFLOW_TRACKING_URI into os.environ (often `env`).
     own_store = not env.get("MLFLOW_TRACKING_URI")
     check_reachable(uri)
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_RETRIES.items():
+            os.environ.setdefault(name, value)  # MLflow reads its settings from the environment
     mlflow.set_tracking_uri(uri)
     with first_use_lock(uri):
         found = mlflow.get_experiment_by_name(experiment)

@@ -1,1 +1,1 @@
-"""Tests; a package so `python -m tests.benchmarks.train_speed` works from the root."""
+"""Tests, one module per library module (see helpers.py); stages/ and e2e/ run the real entry points and dvc."""
