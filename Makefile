@@ -20,8 +20,10 @@ repro: $(STAMP)
 lint: $(STAMP)
 	ruff check .
 
+# Two workers on CI's two cores; each test file runs whole on one worker, because the
+# end-to-end modules share one repo per module and run in file order.
 test: lint
-	python -m pytest tests -q
+	python -m pytest tests -q -n auto --dist loadfile --durations=15
 
 bench: $(STAMP)
 	python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
