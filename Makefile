@@ -20,7 +20,7 @@ repro: $(STAMP)
 lint: $(STAMP)
 	ruff check .
 
-# Two workers on CI's two cores; each test file runs whole on one worker, because the
+# One worker per core (two on CI); each test file runs whole on one worker, because the
 # end-to-end modules share one repo per module and run in file order.
 test: lint
 	python -m pytest tests -q -n auto --dist loadfile --durations=15
