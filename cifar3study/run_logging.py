@@ -46,7 +46,7 @@ def flatten(prefix: str, value: object) -> dict[str, str]:
     return {prefix: NOT_APPLICABLE if value is None else str(value)}
 
 
-def model_params(name: str, cfg: ModelParams) -> dict[str, str]:
+def shared_model_keys(name: str, cfg: ModelParams) -> dict[str, str]:
     """The architecture under `model.*` keys, identical for every model (conv keys `none` for fc)."""
     return {"model.name": name, **flatten("model", cfg), **{f"model.{k}": NOT_APPLICABLE for k in CONV_KEYS
                                                             if getattr(cfg, k) is None}}
@@ -71,7 +71,7 @@ def _metrics(values: Mapping[str, float | None], step: int) -> list[Metric]:
 
 def log_training_setup(runs: GroupRuns, name: str, params: Params, n_params: int, layers: str) -> None:
     """Every value the train stage read and the model's size (`layers`: a markdown table); each seed's seed."""
-    mlflow.log_params({**model_params(name, params.models[name]), **flatten("train", params.train),
+    mlflow.log_params({**shared_model_keys(name, params.models[name]), **flatten("train", params.train),
                        **flatten("evaluate", params.evaluate), **flatten("mlflow", params.mlflow),
                        "data.classes": flatten("", params.data.classes)[""], "param_count": n_params})
     mlflow.log_metric("param_count", n_params)

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from cifar3study.errors import StageError, one_line
+from cifar3study.tracking import health_error
 
 log = logging.getLogger("team-stack")
 HOST = "127.0.0.1"
@@ -182,22 +182,19 @@ def _stop(stack: Stack, name: str, grace: float = 10.0) -> None:
             time.sleep(0.1)
 
 
-def _s3(stack: Stack, key: str = "testing", secret: str = "testing") -> object:
+def _aws(stack: Stack, service: str, key: str = "testing", secret: str = "testing") -> object:
+    """A boto3 client of the stack's S3 server (which also serves moto's IAM); moto's default key until reset-auth."""
     import boto3  # only the stack needs it
 
-    return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1", aws_access_key_id=key,
+    return boto3.client(service, endpoint_url=stack.s3_endpoint, region_name="us-east-1", aws_access_key_id=key,
                         aws_secret_access_key=secret)
 
 
 def start_s3(stack: Stack) -> None:
     """moto's S3 server with a bucket and a user whose key it checks, as MinIO or AWS S3 would."""
-    import boto3
-
     _spawn(stack, "s3", [str(BIN / "moto_server"), "-H", HOST, "-p", str(stack.ports["s3"])])
     _wait(stack, "s3", lambda: _listening(stack.ports["s3"]), 60)
-    _s3(stack).create_bucket(Bucket=BUCKET)
-    iam = boto3.client("iam", endpoint_url=stack.s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
+    iam = _aws(stack, "iam")
     iam.create_user(UserName="team")
     iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
@@ -207,10 +204,11 @@ def start_s3(stack: Stack) -> None:
     request = urllib.request.Request(f"{stack.s3_endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                      headers={"Content-Type": "text/plain"})  # moto reads the raw body
     urllib.request.urlopen(request, timeout=10).close()  # from now on every request must be signed by that key
+    ensure_bucket(stack)
 
 
 def ensure_bucket(stack: Stack) -> None:
-    client = _s3(stack, stack.s3_key, stack.s3_secret)
+    client = _aws(stack, "s3", stack.s3_key, stack.s3_secret)
     if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
         client.create_bucket(Bucket=BUCKET)
 
@@ -231,11 +229,7 @@ def start_mlflow(stack: Stack, s3_secret: str | None = None) -> None:
 
 
 def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return health_error(uri, timeout=2) is None
 
 
 def configure_dvc_remote(stack: Stack, repo: Path) -> None:
@@ -270,7 +264,8 @@ def up(stack: Stack, repo: Path | None) -> dict[str, str]:
         if not state[name]:
             log.info("starting %s", name)
             start(stack, name)
-    ensure_bucket(stack)
+    if state["s3"]:
+        ensure_bucket(stack)  # a store that kept running may have lost its bucket
     if repo is not None and (repo / ".dvc").is_dir():
         configure_dvc_remote(stack, repo)
     # moto cannot serve presigned downloads to a signed-in user: clients fetch artifacts through the server instead.

@@ -31,10 +31,10 @@ from mlflow.exceptions import MlflowException
 from cifar3study.errors import StageError, quote
 
 EXPERIMENT_NOTE = (
-    "CIFAR-3, fully connected net vs small CNN. Each pipeline run adds one run per model (tag `model`, "
-    "named `<model>-<experiment or params digest>`) and one `comparison` run. Tick two model runs and press "
-    "Compare: param_count, train_acc, val_acc, gap and seconds_per_epoch sit side by side, with the "
-    "train_loss / val_acc curves per epoch."
+    "CIFAR-3, fully connected net vs small CNN. Each pipeline run adds a parent run per model (tag `model`, "
+    "named `<model>-<experiment or params digest>`) with a nested run per seed, and one `comparison` run. "
+    "Tick two parent runs and press Compare: param_count, train_acc, val_acc (with its spread over seeds), gap "
+    "and seconds_per_epoch sit side by side, with the mean train_loss / val_acc curves per epoch."
 )
 FIRST_USE_SECONDS = 300  # how long a process waits for another one creating the store or experiment
 # A tracking server that went away fails a stage in seconds, not after MLflow's ~4 minutes of retries.
@@ -69,16 +69,21 @@ def runs_page(uri: str, experiment_id: str) -> str:
             f"&viewStateShareKey={VIEW_KEY}")
 
 
+def health_error(uri: str, timeout: float) -> str | None:
+    """Why the tracking server at `uri` does not answer its health check, or None when it does."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read(1024)
+    except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+    return None
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in a second, naming the URI, rather than after MLflow's minutes of retries."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-                response.read(1024)
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise StageError(f"MLflow tracking server {quote(uri)} is unreachable ({reason}); "
-                             "start it or unset MLFLOW_TRACKING_URI") from err
+    if uri.startswith(("http://", "https://")) and (reason := health_error(uri, timeout)) is not None:
+        raise StageError(f"MLflow tracking server {quote(uri)} is unreachable ({reason}); "
+                         "start it or unset MLFLOW_TRACKING_URI")
     path = sqlite_file(uri)
     if path is not None and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
         raise StageError(f"MLflow store {quote(uri)}: folder {path.parent} is missing or not writable; "
@@ -144,13 +149,15 @@ def run(experiment_id: str | None = None, run_id: str | None = None, **kwargs: o
                          "use the store it was logged to (MLFLOW_TRACKING_URI) or rerun its train stage") from err
     try:
         yield active
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as err:
+        mlflow.end_run(_end_status(err))
         raise
     mlflow.end_run("FINISHED")
+
+
+def _end_status(err: BaseException) -> str:
+    """Ctrl-C and SIGTERM (see cli) end a run KILLED; any other exception FAILED."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,11 +183,8 @@ def group_runs(experiment_id: str, name: str, seeds: tuple[int, ...], tags: Mapp
             for seed in seeds}
         try:
             yield GroupRuns(parent.info.run_id, children)
-        except KeyboardInterrupt:
-            _end_all(client, list(children.values()), "KILLED")
-            raise
-        except BaseException:
-            _end_all(client, list(children.values()), "FAILED")
+        except BaseException as err:
+            _end_all(client, list(children.values()), _end_status(err))
             raise
         _end_all(client, list(children.values()), "FINISHED")
 

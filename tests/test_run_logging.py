@@ -7,14 +7,14 @@ import dataclasses
 import yaml
 
 from cifar3study.params import ModelParams, parse_params
-from cifar3study.run_logging import flatten, model_params, params_digest, run_name
+from cifar3study.run_logging import flatten, params_digest, run_name, shared_model_keys
 from tests.helpers import CIFAR3_CLASSES, ROOT
 
 PARAMS = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
 
 
 def test_fc_and_cnn_share_every_param_key() -> None:
-    fc, cnn = model_params("fc", PARAMS.models["fc"]), model_params("cnn", PARAMS.models["cnn"])
+    fc, cnn = shared_model_keys("fc", PARAMS.models["fc"]), shared_model_keys("cnn", PARAMS.models["cnn"])
     assert fc.keys() == cnn.keys()
     assert fc["model.channels"] == "none" and cnn["model.channels"] == "[16, 8]"
     assert fc["model.name"] == "fc" and fc["model.hidden"] == "[1024, 512, 128]"
