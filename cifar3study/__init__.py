@@ -1,8 +1,9 @@
-"""The CIFAR-3 FC-vs-CNN study: everything the DVC stages in `stages/` call.
+"""The CIFAR-3 FC-vs-CNN study: everything the DVC stages in `stages/` call, in layers.
 
-Data:      download (fetch + MD5), safe_pickle + archive (CIFAR-10 python batches), dataset (splits, channel stats)
-Models:    models (architectures), speedups (measured CPU/GPU tricks), device (device, seeds, numerics)
-Training:  training (the loop), history (per-epoch CSV), checkpoint (.pt format), run_info (train -> later stages)
-Results:   evaluation (metrics files), report (comparison table), figures + conv_views (matplotlib), tracking (MLflow)
-Plumbing:  params (params.yaml), errors + cli (one-line errors), files (atomic writes)
+params, errors, cli, files   the base every layer uses: params.yaml, one-line errors, how a stage runs, atomic writes
+data/         CIFAR-10 in, CIFAR-3 out: download, archive checks, safe unpickling, split files
+training/     models, speed tricks, device and numerics, the seed-group trainer, what training writes
+tracking/     MLflow: the store and its runs, provenance, what each stage logs
+reporting/    metrics files, the comparison, figures, the offline plots page
+operations/   beyond one `dvc repro`: benchmark, team stack
 """

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar3study import archive
 from cifar3study.cli import run_stage
-from cifar3study.dataset import write_split
+from cifar3study.data import archive
+from cifar3study.data.dataset import write_split
 from cifar3study.params import archive_source, load_params
 
 log = logging.getLogger("cifar3")

@@ -17,12 +17,13 @@ from pathlib import Path
 import mlflow
 from matplotlib.figure import Figure
 
-from cifar3study import evaluation, figures, report, run_logging, tracking
 from cifar3study.cli import run_stage
 from cifar3study.files import atomic_path, write_text_atomic
-from cifar3study.history import EpochRecord, read_history
 from cifar3study.params import load_params
-from cifar3study.run_info import read_run_info
+from cifar3study.reporting import evaluation, figures, report
+from cifar3study.tracking import run_logging, store
+from cifar3study.training.history import EpochRecord, read_history
+from cifar3study.training.run_info import read_run_info
 
 log = logging.getLogger("compare")
 
@@ -48,12 +49,12 @@ def main() -> None:
     parser.add_argument("--lock", type=Path, help="dvc.lock, logged to the comparison run when present")
     args = parser.parse_args()
     params = load_params(args.params)
-    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
+    experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     names = list(params.models)  # the only list of models; stale files of removed ones are ignored
     metrics = {n: evaluation.read_metrics(args.metrics_dir / f"{n}.json") for n in names}
     runs = {n: read_run_info(args.runs_dir / f"{n}.json") for n in names}
     for name, info in runs.items():
-        tracking.check_group(tracking.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
+        store.check_group(store.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
     histories = {n: read_history(args.history_dir / f"{n}.csv") for n in names}
     per_model = {n: model_figures(n, histories[n], args.eval_dir, metrics[n].val_acc.n) for n in names}
     table, diffs = report.comparison_table(metrics), report.differences(metrics)
@@ -69,13 +70,12 @@ def main() -> None:
     for name, figs in per_model.items():
         run_logging.log_figures(runs[name].run_id, figs)
     digest = "-".join(run_logging.params_digest(n, params)[:3] for n in names)
-    tags = {**tracking.process_tags(), **({"dvc.exp_name": os.environ["DVC_EXP_NAME"]} if "DVC_EXP_NAME" in os.environ
-                                         else {})}
+    tags = {**store.process_tags(), **store.context_tags(os.environ)}
     run_logging.log_comparison(experiment_id, run_logging.run_name("comparison", os.environ, digest),
                                comparison_metrics(table.to_dict("records"), diffs), {n: r.run_id for n, r in runs.items()},
                                [*out.values(), *([args.lock] if args.lock else [])], tags)
     log.info("\n%s", report.to_markdown(table, diffs))
-    log.info("in MLflow (`mlflow ui`): %s", tracking.runs_page(mlflow.get_tracking_uri(), experiment_id))
+    log.info("in MLflow (`mlflow ui`): %s", store.runs_page(mlflow.get_tracking_uri(), experiment_id))
 
 
 if __name__ == "__main__":

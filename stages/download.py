@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from cifar3study.cli import run_stage
-from cifar3study.download import Limits, download
+from cifar3study.data.download import Limits, download
 from cifar3study.params import archive_source, load_params
 
 

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar3study import evaluation, run_logging, tracking
-from cifar3study.checkpoint import CheckpointMeta, load_checkpoint
 from cifar3study.cli import run_stage
-from cifar3study.dataset import Split, read_split
-from cifar3study.device import resolve_device
+from cifar3study.data.dataset import Split, read_split
 from cifar3study.errors import StageError
-from cifar3study.models import count_params, normalize, predict
 from cifar3study.params import load_params
-from cifar3study.run_info import read_run_info
+from cifar3study.reporting import evaluation
+from cifar3study.tracking import run_logging, store
+from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint
+from cifar3study.training.device import resolve_device
+from cifar3study.training.models import count_params, normalize, predict
+from cifar3study.training.run_info import read_run_info
 
 log = logging.getLogger("evaluate")
 
@@ -41,10 +42,10 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
-    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
+    experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     info = read_run_info(args.run_info)
-    runs = tracking.GroupRuns(info.run_id, info.seed_runs)
-    tracking.check_group(runs, experiment_id, args.model)  # before any work: only this model's runs are written
+    runs = store.GroupRuns(info.run_id, info.seed_runs)
+    store.check_group(runs, experiment_id, args.model)  # before any work: only this model's runs are written
     device = resolve_device(params.train.device)
     models, meta = load_checkpoint(args.checkpoint)
     train, val = read_split(args.train), read_split(args.val)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cifar3study.cli import run_stage
 from cifar3study.files import write_text_atomic
-from cifar3study.vega_page import offline_page
+from cifar3study.reporting.vega_page import offline_page
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from cifar3study.cli import run_stage
-from cifar3study.dataset import channel_stats, read_split, write_stats
+from cifar3study.data.dataset import channel_stats, read_split, write_stats
 
 log = logging.getLogger("stats")
 

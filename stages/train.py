@@ -11,21 +11,22 @@ from pathlib import Path
 import mlflow
 import torch
 
-from cifar3study import run_logging, speedups, tracking
-from cifar3study.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cifar3study.cli import run_stage
-from cifar3study.dataset import read_split, read_stats
-from cifar3study.device import describe, device_name, resolve_device, seed_everything, set_numerics
-from cifar3study.history import EpochRecord, write_history
-from cifar3study.models import count_params, layer_table, normalize
+from cifar3study.data.dataset import read_split, read_stats
 from cifar3study.params import load_params, model_params
-from cifar3study.run_info import RunInfo, write_run_info
-from cifar3study.training import fit, init_models, median_epoch_seconds, setup_group
+from cifar3study.tracking import run_logging, store
+from cifar3study.training import speedups
+from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cifar3study.training.device import describe, device_name, resolve_device, seed_everything, set_numerics
+from cifar3study.training.history import EpochRecord, write_history
+from cifar3study.training.models import count_params, layer_table, normalize
+from cifar3study.training.run_info import RunInfo, write_run_info
+from cifar3study.training.trainer import fit, init_models, median_epoch_seconds, setup_group
 
 log = logging.getLogger("train")
 
 
-def report_epoch(runs: tracking.GroupRuns, rows: list[EpochRecord]) -> None:
+def report_epoch(runs: store.GroupRuns, rows: list[EpochRecord]) -> None:
     run_logging.log_epoch(runs, rows)
     val = [r.val_acc for r in rows]
     log.info("epoch %3d  loss %.4f  train %.4f  val %.4f (%.4f-%.4f over %d seeds)  %.2f s", rows[0].epoch,
@@ -41,8 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     cfg, seeds = model_params(params, args.model), params.train.seeds
-    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)
-    for run_id in tracking.close_orphaned_runs(experiment_id):
+    experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
+    for run_id in store.close_orphaned_runs(experiment_id):
         log.warning("closed run %s as KILLED: the process that ran it had died", run_id)
     device = resolve_device(params.train.device)
     seed_everything(seeds[0])
@@ -52,10 +53,10 @@ def main() -> None:
     val = normalize(val_split.images, stats, device), torch.from_numpy(val_split.labels).to(device)
     models = init_models(cfg, len(train_split.classes), seeds, device)
     group = setup_group(models, seeds, params.train, speedups.batch_seeds(device))
-    tags = {"model": args.model, **tracking.process_tags(),
-            **tracking.provenance_tags(os.environ, Path.cwd(), train_split.source_md5, describe(device))}
+    tags = {"model": args.model, **store.process_tags(),
+            **store.provenance_tags(os.environ, Path.cwd(), train_split.source_md5, describe(device))}
     name = run_logging.run_name(args.model, os.environ, run_logging.params_digest(args.model, params))
-    with tracking.group_runs(experiment_id, name, seeds, tags) as runs:
+    with store.group_runs(experiment_id, name, seeds, tags) as runs:
         run_logging.log_training_setup(runs, args.model, params, count_params(models[0]), layer_table(models[0]))
         mlflow.log_artifact(str(args.params))
         history = fit(group, train, val, params.train, params.evaluate.batch_size, lambda rows: report_epoch(runs, rows))

@@ -7,14 +7,15 @@ import logging
 import os
 from pathlib import Path
 
-from cifar3study import conv_views, figures, run_logging, tracking
-from cifar3study.checkpoint import load_checkpoint
 from cifar3study.cli import run_stage
-from cifar3study.dataset import read_split
+from cifar3study.data.dataset import read_split
 from cifar3study.errors import StageError
 from cifar3study.files import atomic_path
 from cifar3study.params import load_params
-from cifar3study.run_info import read_run_info
+from cifar3study.reporting import conv_views, figures
+from cifar3study.tracking import run_logging, store
+from cifar3study.training.checkpoint import load_checkpoint
+from cifar3study.training.run_info import read_run_info
 
 log = logging.getLogger("visualize")
 
@@ -33,8 +34,8 @@ def main() -> None:
                          f"rerun train@{name} or pick one of those")
     model = conv_views.require_convnet(models[seed], meta, str(args.checkpoint))
     split = read_split(args.val)
-    experiment_id = tracking.connect(os.environ, Path.cwd(), params.mlflow.experiment)  # fails fast, before drawing
-    tracking.check_group(tracking.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
+    experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)  # fails fast, before drawing
+    store.check_group(store.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
     drawn = conv_views.figures(model, meta, split)
     for file_name, fig in drawn.items():
         with atomic_path(args.out_dir / file_name) as tmp:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar3study.archive import build_splits
-from cifar3study.dataset import channel_stats, write_split, write_stats
+from cifar3study.data.archive import build_splits
+from cifar3study.data.dataset import channel_stats, write_split, write_stats
 from tests.helpers import CIFAR3_CLASSES, FileServer, archive_files, serving, write_archive
 
 

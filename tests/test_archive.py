@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar3study.archive import build_splits, read_batches, unpickle, verify
+from cifar3study.data.archive import build_splits, read_batches, unpickle, verify
 from cifar3study.errors import StageError
 from tests.helpers import CIFAR10_CLASSES, archive_files, write_archive
 from tests.test_safe_pickle import evil_pickles

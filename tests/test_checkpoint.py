@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar3study.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from cifar3study.dataset import ChannelStats
+from cifar3study.data.dataset import ChannelStats
 from cifar3study.errors import StageError
-from cifar3study.models import build_model
 from cifar3study.params import ModelParams
+from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cifar3study.training.models import build_model
 from tests.helpers import CIFAR3_CLASSES
 
 CNN = ModelParams(arch="cnn", activation="tanh", hidden=(32,), channels=(16, 8), kernel_size=3, padding=1, pool=2)

@@ -8,12 +8,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from cifar3study import conv_views
-from cifar3study.checkpoint import CheckpointMeta
-from cifar3study.dataset import ChannelStats, Split
+from cifar3study.data.dataset import ChannelStats, Split
 from cifar3study.errors import StageError
-from cifar3study.models import build_model
 from cifar3study.params import ModelParams
+from cifar3study.reporting import conv_views
+from cifar3study.training.checkpoint import CheckpointMeta
+from cifar3study.training.models import build_model
 from tests.helpers import CIFAR3_CLASSES as CLASSES
 
 CNN = ModelParams(arch="cnn", activation="tanh", hidden=(32,), channels=(16, 8), kernel_size=3, padding=1, pool=2)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar3study.dataset import ChannelStats, Split, channel_stats, read_split, read_stats, write_split, write_stats
+from cifar3study.data.dataset import ChannelStats, Split, channel_stats, read_split, read_stats, write_split, write_stats
 from cifar3study.errors import StageError
-from cifar3study.models import normalize
+from cifar3study.training.models import normalize
 from tests.helpers import CIFAR3_CLASSES
 
 

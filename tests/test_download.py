@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import cifar3study.download as module
-from cifar3study.download import Limits, download
+import cifar3study.data.download as module
+from cifar3study.data.download import Limits, download
 from cifar3study.errors import StageError
 
 NAME = "cifar-10-python.tar.gz"

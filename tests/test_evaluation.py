@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar3study import evaluation
 from cifar3study.errors import StageError
+from cifar3study.reporting import evaluation
 
 CLASSES = ("airplane", "automobile", "ship")
 # 3 per class; airplane: all right; automobile: one called ship; ship: two called airplane

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar3study import figures
-from cifar3study.evaluation import model_metrics
-from cifar3study.history import EpochRecord
+from cifar3study.reporting import figures
+from cifar3study.reporting.evaluation import model_metrics
+from cifar3study.training.history import EpochRecord
 
 
 def rows(seed: int, offset: float) -> list[EpochRecord]:

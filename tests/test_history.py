@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cifar3study.errors import StageError
-from cifar3study.history import EpochRecord, by_seed, read_history, write_history
+from cifar3study.training.history import EpochRecord, by_seed, read_history, write_history
 
 
 def test_round_trip_and_split_by_seed(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from cifar3study.errors import StageError
-from cifar3study.models import build_model, conv_output_size, count_params, layer_table, predict
 from cifar3study.params import ModelParams
+from cifar3study.training.models import build_model, conv_output_size, count_params, layer_table, predict
 
 FC = ModelParams(arch="fc", activation="tanh", hidden=(1024, 512, 128))
 CNN = ModelParams(arch="cnn", activation="tanh", hidden=(32,), channels=(16, 8), kernel_size=3, padding=1, pool=2)

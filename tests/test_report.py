@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cifar3study.evaluation import model_metrics, spread
-from cifar3study.history import EpochRecord
-from cifar3study.report import comparison_table, curves_table, differences, to_markdown, welch
+from cifar3study.reporting.evaluation import model_metrics, spread
+from cifar3study.reporting.report import comparison_table, curves_table, differences, to_markdown, welch
+from cifar3study.training.history import EpochRecord
 
 SPEED = {"seconds_per_epoch": 1.5, "group_seconds_per_epoch": 4.5, "images_per_second": 3e4}
 

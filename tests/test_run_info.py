@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cifar3study.errors import StageError
-from cifar3study.run_info import RunInfo, read_run_info, write_run_info
+from cifar3study.training.run_info import RunInfo, read_run_info, write_run_info
 
 INFO = RunInfo("a" * 32, {0: "b" * 32, 7: "c" * 32}, "cpu (x86_64, 2 threads)", 100, 3.0, 1.5, 10_000.0)
 

@@ -7,7 +7,7 @@ import dataclasses
 import yaml
 
 from cifar3study.params import ModelParams, parse_params
-from cifar3study.run_logging import flatten, params_digest, run_name, shared_model_keys
+from cifar3study.tracking.run_logging import flatten, params_digest, run_name, shared_model_keys
 from tests.helpers import CIFAR3_CLASSES, ROOT
 
 PARAMS = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))

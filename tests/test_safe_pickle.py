@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar3study.safe_pickle import load_dict
+from cifar3study.data.safe_pickle import load_dict
 from tests.helpers import synthetic_batch
 
 LIMIT = 100_000

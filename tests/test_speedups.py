@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar3study import speedups
-from cifar3study.models import ConvNet, build_model
 from cifar3study.params import ModelParams
+from cifar3study.training import speedups
+from cifar3study.training.models import ConvNet, build_model
 
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 

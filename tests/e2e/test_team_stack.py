@@ -24,7 +24,7 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from cifar3study import team_stack
+from cifar3study.operations import team_stack
 from tests.e2e.conftest import ENV, ran, sh
 from tests.e2e.test_queue import LRS, run_queue
 
@@ -50,7 +50,7 @@ class Team:
                             aws_access_key_id=stack.s3_key, aws_secret_access_key=stack.s3_secret)
 
     def stack_cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cifar3study.team_stack", *args, "--dir", str(self.folder)],
+        return subprocess.run([sys.executable, "-m", "cifar3study.operations.team_stack", *args, "--dir", str(self.folder)],
                               cwd=self.repo, env=ENV, capture_output=True, text=True, timeout=300)
 
     def train(self, out: Path, epochs: int) -> subprocess.Popen:
@@ -80,16 +80,16 @@ def one_line_failure(process: subprocess.Popen | subprocess.CompletedProcess, ti
 def team(make_repo: Callable[..., Path]) -> Iterator[Team]:
     repo = make_repo(epochs=1, seeds=[0])
     folder = Path(tempfile.mkdtemp(prefix="cifar3-team-", dir="/tmp"))  # pytest's tmp root is 0700: no entry for nobody
-    output = sh(repo, sys.executable, "-m", "cifar3study.team_stack", "up", "--dir", str(folder))
+    output = sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(folder))
     team = Team(repo, folder, exports(output))
     yield team
-    sh(repo, sys.executable, "-m", "cifar3study.team_stack", "down", "--dir", str(folder))
+    sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(folder))
     assert not folder.exists()
 
 
 def test_up_prints_the_variables_and_a_second_up_changes_nothing(team: Team) -> None:
     assert team.env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
-    again = exports(sh(team.repo, sys.executable, "-m", "cifar3study.team_stack", "up", "--dir", str(team.folder)))
+    again = exports(sh(team.repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(team.folder)))
     assert again["MLFLOW_TRACKING_URI"] == team.env["MLFLOW_TRACKING_URI"]
     config = (team.repo / ".dvc" / "config.local").read_text()
     assert "url = s3://cifar3/dvc" in config and team.stack.s3_endpoint in config

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifar3study.evaluation import read_metrics
+from cifar3study.reporting.evaluation import read_metrics
 from tests.helpers import last_line, run_stage
 from tests.stages.conftest import Outputs
 

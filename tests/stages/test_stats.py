@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar3study.dataset import Split, write_split
+from cifar3study.data.dataset import Split, write_split
 from tests.helpers import last_line, run_stage
 
 

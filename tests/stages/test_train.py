@@ -17,10 +17,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar3study.checkpoint import load_checkpoint
-from cifar3study.dataset import read_split
-from cifar3study.history import read_history
-from cifar3study.models import normalize
+from cifar3study.data.dataset import read_split
+from cifar3study.training.checkpoint import load_checkpoint
+from cifar3study.training.history import read_history
+from cifar3study.training.models import normalize
 from tests.helpers import ROOT, last_line, run_stage, tiny_params
 from tests.stages.conftest import Outputs, train_args
 

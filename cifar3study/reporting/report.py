@@ -9,8 +9,8 @@ import math
 import pandas as pd
 from scipy import stats
 
-from cifar3study.evaluation import ModelMetrics, Spread
-from cifar3study.history import EpochRecord
+from cifar3study.reporting.evaluation import ModelMetrics, Spread
+from cifar3study.training.history import EpochRecord
 
 CURVES = ("train_loss", "val_loss", "val_acc")
 

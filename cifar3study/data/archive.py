@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cifar3study import safe_pickle
-from cifar3study.cifar10_format import (
+from cifar3study.data import safe_pickle
+from cifar3study.data.cifar10_format import (
     BATCH_DIR,
     IMAGE_BYTES,
     IMAGES_PER_BATCH,
@@ -27,7 +27,7 @@ from cifar3study.cifar10_format import (
     TRAIN_BATCHES,
     VAL_BATCH,
 )
-from cifar3study.dataset import Split
+from cifar3study.data.dataset import Split
 from cifar3study.errors import StageError, quote
 from cifar3study.files import file_md5
 

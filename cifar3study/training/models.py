@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar3study.dataset import ChannelStats
+from cifar3study.data.dataset import ChannelStats
 from cifar3study.errors import StageError
 from cifar3study.params import ModelParams
-from cifar3study.speedups import OneDnnLinear, pool_then_activate
+from cifar3study.training.speedups import OneDnnLinear, pool_then_activate
 
 IMAGE_SHAPE = (3, 32, 32)
 ACTIVATION_LAYERS = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}

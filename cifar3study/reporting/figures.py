@@ -12,8 +12,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from cifar3study.evaluation import ModelMetrics
-from cifar3study.history import EpochRecord
+from cifar3study.reporting.evaluation import ModelMetrics
+from cifar3study.training.history import EpochRecord
 
 
 def _band(ax: Axes, rows: list[EpochRecord], field: str, label: str) -> None:

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from cifar3study.checkpoint import CheckpointMeta
-from cifar3study.dataset import Split
+from cifar3study.data.dataset import Split
 from cifar3study.errors import StageError
-from cifar3study.models import ConvNet, normalize
+from cifar3study.training.checkpoint import CheckpointMeta
+from cifar3study.training.models import ConvNet, normalize
 
 MAX_COLUMNS = 16  # wider layers wrap onto more rows rather than shrinking every map to a dot
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the usual RGB -> grey weights

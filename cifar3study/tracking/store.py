@@ -267,6 +267,14 @@ def provenance_tags(env: Mapping[str, str], cwd: Path, archive_md5: str, device:
     }
     if env.get("DVC_STAGE"):
         tags["dvc.stage"] = env["DVC_STAGE"]
-    if env.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = env["DVC_EXP_NAME"]
-    return tags
+    return {**tags, **context_tags(env)}
+
+
+# What launched a run, set in the environment by whoever launched it: DVC, a study's trial, a scheduler's GPU share.
+CONTEXT_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "CIFAR3_STUDY": "study", "CIFAR3_TRIAL": "trial",
+                "CUDA_VISIBLE_DEVICES": "cuda_visible_devices"}
+
+
+def context_tags(env: Mapping[str, str]) -> dict[str, str]:
+    """Tags every run of a stage carries (parents, seeds, comparison): experiment name, study and trial, GPUs given."""
+    return {tag: env[name] for name, tag in CONTEXT_TAGS.items() if env.get(name)}

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar3study.dataset import ChannelStats
+from cifar3study.data.dataset import ChannelStats
 from cifar3study.errors import StageError
 from cifar3study.files import atomic_path
-from cifar3study.models import build_model
 from cifar3study.params import ModelParams
+from cifar3study.training.models import build_model
 
 FORMAT = 2  # 2: a seed group (1: one model, before seed groups)
 

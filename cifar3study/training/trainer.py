@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from cifar3study import speedups
-from cifar3study.device import synchronize
-from cifar3study.history import EpochRecord
-from cifar3study.models import build_model, predict
 from cifar3study.params import ModelParams, TrainParams
+from cifar3study.training import speedups
+from cifar3study.training.device import synchronize
+from cifar3study.training.history import EpochRecord
+from cifar3study.training.models import build_model, predict
 
 Tensors = tuple[torch.Tensor, torch.Tensor]  # (normalised images, labels) on the training device
 

@@ -16,10 +16,10 @@ import dataclasses
 import pytest
 import torch
 
-from cifar3study.device import seed_everything, set_numerics
-from cifar3study.history import EpochRecord
 from cifar3study.params import ModelParams, TrainParams
-from cifar3study.training import fit, init_models, median_epoch_seconds, setup_group
+from cifar3study.training.device import seed_everything, set_numerics
+from cifar3study.training.history import EpochRecord
+from cifar3study.training.trainer import fit, init_models, median_epoch_seconds, setup_group
 from tests.helpers import separable
 
 FC = ModelParams(arch="fc", activation="tanh", hidden=(64,))

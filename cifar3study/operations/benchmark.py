@@ -1,6 +1,6 @@
 """Training speed: the project's seed groups against the original study's DataLoader loop.
 
-    python -m cifar3study.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json \\
+    python -m cifar3study.operations.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json \\
         [--groups 1 3 8] [--vmap-groups 3] [--epochs 2] [--warmup 1] [--rounds 1] [--json out.json]
 
 Each (model, variant) runs in its own child process, so the peak RSS it
@@ -34,12 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifar3study import speedups
-from cifar3study.dataset import ChannelStats, read_split, read_stats
-from cifar3study.device import device_name, resolve_device, set_numerics, synchronize
-from cifar3study.models import ConvNet, build_fc, normalize
+from cifar3study.data.dataset import ChannelStats, read_split, read_stats
 from cifar3study.params import ModelParams, TrainParams, load_params, model_params
-from cifar3study.training import init_models, setup_group, train_epoch
+from cifar3study.training import speedups
+from cifar3study.training.device import device_name, resolve_device, set_numerics, synchronize
+from cifar3study.training.models import ConvNet, build_fc, normalize
+from cifar3study.training.trainer import init_models, setup_group, train_epoch
 
 log = logging.getLogger("benchmark")
 MODELS = ("fc", "cnn")
@@ -132,7 +132,7 @@ def spawn(args: argparse.Namespace, model: str, variant: Variant) -> dict:
     """Run one variant in a fresh interpreter; it leaves its result as JSON in a temporary file."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "cifar3study.benchmark", "--child", "--model", model, "--kind", variant.kind,
+        cmd = [sys.executable, "-m", "cifar3study.operations.benchmark", "--child", "--model", model, "--kind", variant.kind,
                "--seeds", str(variant.seeds), *(["--batched"] if variant.batched else []), "--result", str(result),
                "--params", str(args.params), "--train", str(args.train), "--stats", str(args.stats),
                "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--device", args.device]

@@ -24,9 +24,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from cifar3study.history import EpochRecord
 from cifar3study.params import CONV_KEYS, ModelParams, Params
-from cifar3study.tracking import GroupRuns
+from cifar3study.tracking.store import GroupRuns
+from cifar3study.training.history import EpochRecord
 
 NOT_APPLICABLE = "none"  # the value of a conv-only key on an fc model: the same row compares both models
 CURVES = ("train_loss", "train_acc_running", "val_loss", "val_acc")

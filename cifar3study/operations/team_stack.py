@@ -1,8 +1,8 @@
 """A team's shared stack on loopback: PostgreSQL for MLflow's runs, S3 for artifacts and DVC data, an MLflow server.
 
-    eval "$(python -m cifar3study.team_stack up)"     # or: eval "$(make -s team-up)"
-    python -m cifar3study.team_stack status | stop COMPONENT | start COMPONENT
-    python -m cifar3study.team_stack down             # stops everything and deletes the stack's folder
+    eval "$(python -m cifar3study.operations.team_stack up)"     # or: eval "$(make -s team-up)"
+    python -m cifar3study.operations.team_stack status | stop COMPONENT | start COMPONENT
+    python -m cifar3study.operations.team_stack down             # stops everything and deletes the stack's folder
 
 `up` starts what is not running (PostgreSQL as an unprivileged user when run
 as root, moto's S3 server with credential checks, `mlflow server`), writes a
@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from cifar3study.errors import StageError, one_line
-from cifar3study.tracking import health_error
+from cifar3study.tracking.store import health_error
 
 log = logging.getLogger("team-stack")
 HOST = "127.0.0.1"
@@ -217,7 +217,7 @@ def start_mlflow(stack: Stack, s3_secret: str | None = None) -> None:
     """`mlflow server` on PostgreSQL, storing artifacts in the bucket and serving them to clients."""
     if not _listening(stack.ports["postgres"]):
         raise StageError(f"PostgreSQL at {HOST}:{stack.ports['postgres']} is down, so the MLflow server cannot start; "
-                         "start it (python -m cifar3study.team_stack start postgres) and rerun")
+                         "start it (python -m cifar3study.operations.team_stack start postgres) and rerun")
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.s3_key,
            "AWS_SECRET_ACCESS_KEY": s3_secret or stack.s3_secret, "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its GenAI job workers: 7 processes this project never uses

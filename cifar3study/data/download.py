@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from cifar3study.cifar10_format import MAX_ARCHIVE_BYTES
+from cifar3study.data.cifar10_format import MAX_ARCHIVE_BYTES
 from cifar3study.errors import StageError, quote
 from cifar3study.files import file_md5
 

@@ -1,0 +1,1 @@
+"""Running the study beyond one `dvc repro`: benchmark, team stack."""

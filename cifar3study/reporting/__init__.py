@@ -1,0 +1,1 @@
+"""Metrics, the comparison, figures and the offline plots page."""

@@ -1,0 +1,1 @@
+"""MLflow: the store, runs, provenance, and what each stage logs."""

@@ -1,0 +1,1 @@
+"""Models, the seed-group trainer, and what a train stage writes (checkpoint, history, run info)."""
