@@ -24,6 +24,17 @@ ARCHS = ("fc", "cnn")
 CONV_KEYS = ("channels", "kernel_size", "padding", "pool")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
 MD5_PATTERN = re.compile(r"[0-9a-f]{32}")
+# DVC pastes a models key into shell commands and output paths (train@<key>): nothing but this form may pass.
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MODEL_NAME_FORM = "[a-z][a-z0-9_]* (a lowercase letter, then lowercase letters, digits or _; at most 32)"
+IMAGE_SIDE = 32  # px, CIFAR images are 32 x 32
+MAX_WIDTH = 65_536  # 16x VGG's widest layer (4,096); one such layer after the 3,072 inputs is 0.8 GB per seed
+MAX_CHANNELS = 4_096  # 2x ResNet-50's widest conv; at 32 px one such layer holds 16 MB of activations per image
+MAX_LAYERS = 64  # plain stacks this deep (no residuals, no normalisation) do not train
+MAX_SEEDS = 64  # a spread needs a handful; the group trains together, so memory and time grow with it
+MAX_EPOCHS = 10_000  # 100x the default, 12 h per FC seed on 2 CPU cores: more is a typo
+MAX_BATCH = 60_000  # all of CIFAR-10 (50,000 + 10,000 images): a larger batch is the same whole split
+MAX_YAML_DEPTH = 50  # params.yaml nests 3 deep; deeper documents would only exhaust the parser's recursion
 
 
 class ParamError(StageError):
@@ -69,17 +80,40 @@ class ModelParams:
         _check(self.arch in ARCHS, f"{prefix}.arch", f"must be one of {', '.join(ARCHS)}")
         _check(self.activation in ACTIVATIONS, f"{prefix}.activation", f"must be one of {', '.join(ACTIVATIONS)}")
         _check(len(self.hidden) >= (1 if self.arch == "cnn" else 0), f"{prefix}.hidden", "must list layer widths")
-        _check(all(h > 0 for h in self.hidden), f"{prefix}.hidden", "widths must be > 0")
+        _check(len(self.hidden) <= MAX_LAYERS, f"{prefix}.hidden", f"must list at most {MAX_LAYERS} layers")
+        _check(all(0 < h <= MAX_WIDTH for h in self.hidden), f"{prefix}.hidden", f"widths must be 1 to {MAX_WIDTH}")
         for name in CONV_KEYS:
             given = getattr(self, name) is not None
             why = "is missing" if self.arch == "cnn" else "applies only to arch: cnn"
             _check(given == (self.arch == "cnn"), f"{prefix}.{name}", why)
         if self.arch == "cnn":
-            ok = len(self.channels) >= 1 and all(c > 0 for c in self.channels)
-            _check(ok, f"{prefix}.channels", "must list conv channels > 0")
-            _check(self.kernel_size > 0, f"{prefix}.kernel_size", "must be > 0")
-            _check(self.padding >= 0, f"{prefix}.padding", "must be >= 0")
-            _check(self.pool > 0, f"{prefix}.pool", "must be > 0")
+            self._validate_convs(prefix)
+
+    def _validate_convs(self, prefix: str) -> None:
+        ok = 1 <= len(self.channels) <= MAX_LAYERS and all(0 < c <= MAX_CHANNELS for c in self.channels)
+        _check(ok, f"{prefix}.channels", f"must list 1 to {MAX_LAYERS} conv channel counts of 1 to {MAX_CHANNELS}")
+        _check(0 < self.kernel_size <= IMAGE_SIDE, f"{prefix}.kernel_size", f"must be 1 to {IMAGE_SIDE} (the image)")
+        # Padding of kernel_size or more adds output pixels that see nothing but zeros.
+        _check(0 <= self.padding < self.kernel_size, f"{prefix}.padding", "must be >= 0 and < kernel_size")
+        _check(0 < self.pool <= IMAGE_SIDE, f"{prefix}.pool", f"must be 1 to {IMAGE_SIDE} (the image)")
+        _check(conv_sides(self)[-1] >= 1, f"{prefix}.channels",
+               f"has more conv + pool layers than {IMAGE_SIDE} px images allow; use fewer, a smaller pool or more padding")
+
+
+def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a conv or pool along one axis, as torch computes it: floor((n + 2p - k) / s) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def conv_sides(cfg: ModelParams) -> list[int]:
+    """Image side after each conv and each pool of a CNN, in order (training.models.ConvNet's arithmetic)."""
+    sides, side = [], IMAGE_SIDE
+    for _ in cfg.channels:
+        side = conv_output_size(side, cfg.kernel_size, 1, cfg.padding)
+        sides.append(side)
+        side = conv_output_size(side, cfg.pool, cfg.pool, 0) if side >= 1 else side
+        sides.append(side)
+    return sides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +131,13 @@ class TrainParams:
 
     def validate(self, prefix: str) -> None:
         _check(self.device in DEVICES, f"{prefix}.device", f"must be one of {', '.join(DEVICES)}")
-        _check(self.epochs >= 1, f"{prefix}.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(1 <= self.epochs <= MAX_EPOCHS, f"{prefix}.epochs", f"must be 1 to {MAX_EPOCHS}")
+        _check(1 <= self.batch_size <= MAX_BATCH, f"{prefix}.batch_size", f"must be 1 to {MAX_BATCH}")
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(self.momentum >= 0, f"{prefix}.momentum", "must be >= 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         _check(len(self.seeds) >= 1, f"{prefix}.seeds", "must list at least one seed")
+        _check(len(self.seeds) <= MAX_SEEDS, f"{prefix}.seeds", f"must list at most {MAX_SEEDS} seeds")
         _check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", "must not repeat a seed")
         _check(all(0 <= s <= MAX_SEED for s in self.seeds), f"{prefix}.seeds", f"must be between 0 and {MAX_SEED}")
 
@@ -112,7 +147,7 @@ class EvaluateParams:
     batch_size: int
 
     def validate(self, prefix: str) -> None:
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(1 <= self.batch_size <= MAX_BATCH, f"{prefix}.batch_size", f"must be 1 to {MAX_BATCH}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +231,9 @@ def parse_params(raw: object) -> Params:
     models = raw["models"]
     _check(isinstance(models, dict) and len(models) > 0, "models", "must map model names to their settings")
     for name in models:
-        valid = re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) is not None
-        _check(valid, f"models.{name}", "name must be lowercase letters, digits, _")
+        if not (isinstance(name, str) and MODEL_NAME.fullmatch(name)):
+            raise ParamError(f"params.yaml: models key {quote(name)} must match {MODEL_NAME_FORM}; "
+                             "DVC pastes it into commands and paths: rename it")
     params = Params(
         data=_section(DataParams, raw["data"], "data"),
         models={name: _section(ModelParams, cfg, f"models.{name}") for name, cfg in models.items()},
@@ -213,11 +249,27 @@ def parse_params(raw: object) -> Params:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """SafeLoader refusing repeated keys (PyYAML keeps the last), list or mapping keys, and deep nesting."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ParamError(f"params.yaml nests deeper than {MAX_YAML_DEPTH} levels (line {line}); "
+                                 "it needs 3: flatten it")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ParamError(f"params.yaml: a key on line {key_node.start_mark.line + 1} is a list or mapping; "
+                                 "keys must be plain names")
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ParamError(f"params.yaml: key {quote(key)} is given twice (line {key_node.start_mark.line + 1}); "

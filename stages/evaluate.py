@@ -1,7 +1,9 @@
 """Stage `evaluate@<model>`: accuracy of every saved seed on both splits, and their spread.
 
-Reads only the checkpoint (which carries its own config and normalisation),
-so it measures exactly what was saved, and adds to the train stage's runs.
+Reads the checkpoint (which carries its own config and normalisation), so it
+measures exactly what was saved, and adds to the train stage's runs; a
+checkpoint whose architecture is not params.yaml's entry for the model is
+refused before anything is logged.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from torch import nn
 from cifar3study.cli import run_stage
 from cifar3study.data.dataset import Split, read_split
 from cifar3study.errors import StageError
-from cifar3study.params import load_params
+from cifar3study.params import load_params, model_params
 from cifar3study.reporting import evaluation
 from cifar3study.tracking import run_logging, store
 from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint
-from cifar3study.training.device import resolve_device
+from cifar3study.training.device import resolve_device, set_numerics
 from cifar3study.training.models import count_params, normalize, predict
 from cifar3study.training.run_info import read_run_info
 
@@ -42,12 +44,14 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    expected = model_params(params, args.model)
     experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     info = read_run_info(args.run_info)
     runs = store.GroupRuns(info.run_id, info.seed_runs)
     store.check_group(runs, experiment_id, args.model)  # before any work: only this model's runs are written
     device = resolve_device(params.train.device)
-    models, meta = load_checkpoint(args.checkpoint)
+    set_numerics(params.train.deterministic, params.train.tf32)  # the train stage's numerics: no TF32 convs on CUDA
+    models, meta = load_checkpoint(args.checkpoint, expected, args.model)
     train, val = read_split(args.train), read_split(args.val)
     if meta.classes != val.classes or meta.seeds != tuple(info.seed_runs):
         raise StageError(f"{args.checkpoint} (classes {list(meta.classes)}, seeds {list(meta.seeds)}) does not match "

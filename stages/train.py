@@ -13,9 +13,11 @@ import torch
 
 from cifar3study.cli import run_stage
 from cifar3study.data.dataset import read_split, read_stats
+from cifar3study.operations import record
 from cifar3study.params import load_params, model_params
 from cifar3study.tracking import run_logging, store
 from cifar3study.training import speedups
+from cifar3study.training.budget import check_budget
 from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from cifar3study.training.device import describe, device_name, resolve_device, seed_everything, set_numerics
 from cifar3study.training.history import EpochRecord, write_history
@@ -42,10 +44,11 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     cfg, seeds = model_params(params, args.model), params.train.seeds
+    device = resolve_device(params.train.device)
+    check_budget(params, args.model, device)  # before any allocation or run: `dvc repro -s` skips check_params
     experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     for run_id in store.close_orphaned_runs(experiment_id):
         log.warning("closed run %s as KILLED: the process that ran it had died", run_id)
-    device = resolve_device(params.train.device)
     seed_everything(seeds[0])
     set_numerics(params.train.deterministic, params.train.tf32)
     train_split, val_split, stats = read_split(args.train), read_split(args.val), read_stats(args.stats)
@@ -66,8 +69,9 @@ def main() -> None:
                        group_seconds / len(seeds), len(train[1]) * len(seeds) / group_seconds)
         mlflow.log_metrics({"seconds_per_epoch": info.seconds_per_epoch, "images_per_second": info.images_per_second,
                             "group_seconds_per_epoch": info.group_seconds_per_epoch})
-        saved, _ = load_checkpoint(args.checkpoint)  # log exactly what was saved, on the CPU
+        saved, _ = load_checkpoint(args.checkpoint, cfg)  # log exactly what was saved, on the CPU
         run_logging.log_models(runs, saved, val[0][:2].cpu().numpy())
+        record.log_record(runs, saved, Path.cwd(), os.environ)  # what a later `reproduce` rebuilds and compares
         write_history(args.history, [row for seed_history in history for row in seed_history])
         write_run_info(args.run_info, info)
     log.info("%s: %d seeds, %.2f s per epoch of the group (%.2f per seed) on %s", args.model, len(seeds),

@@ -11,7 +11,7 @@ from cifar3study.cli import run_stage
 from cifar3study.data.dataset import read_split
 from cifar3study.errors import StageError
 from cifar3study.files import atomic_path
-from cifar3study.params import load_params
+from cifar3study.params import load_params, model_params
 from cifar3study.reporting import conv_views, figures
 from cifar3study.tracking import run_logging, store
 from cifar3study.training.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ def main() -> None:
     params = load_params(args.params)
     name, seed = params.visualize.model, params.visualize.seed
     info = read_run_info(args.run_info)
-    models, meta = load_checkpoint(args.checkpoint)
+    models, meta = load_checkpoint(args.checkpoint, model_params(params, name), name)
     if seed not in models or seed not in info.seed_runs:
         raise StageError(f"{args.checkpoint} holds seeds {list(models)}, not visualize.seed {seed}; "
                          f"rerun train@{name} or pick one of those")

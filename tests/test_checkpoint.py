@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_round_trip_of_a_channels_last_seed_group(tmp_path: Path) -> None:
     models = group()
     path = tmp_path / "cnn.pt"
     save_checkpoint(path, models, META)
-    rebuilt, meta = load_checkpoint(path)
+    rebuilt, meta = load_checkpoint(path, CNN)
     assert meta == META and list(rebuilt) == [0, 7]
     for model, seed in zip(models, META.seeds, strict=True):
         for (key, saved), loaded in zip(model.state_dict().items(), rebuilt[seed].state_dict().values(), strict=True):
@@ -64,4 +65,25 @@ def test_foreign_or_old_checkpoint_is_one_line_error(tmp_path: Path, content: ob
     else:
         torch.save(content, path)  # loads, but is not a seed-group checkpoint of ours
     with pytest.raises(StageError, match="is not a checkpoint of this project"):
-        load_checkpoint(path)
+        load_checkpoint(path, CNN)
+
+
+@pytest.mark.parametrize("expected", [dataclasses.replace(CNN, channels=(8, 8)),
+                                      ModelParams(arch="fc", activation="tanh", hidden=(1024, 512, 128))])
+def test_another_architecture_is_refused_in_one_line(tmp_path: Path, expected: ModelParams) -> None:
+    """A checkpoint read as some other models entry: the file, both settings and the fix, before any model is built."""
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, group(), META)
+    with pytest.raises(StageError) as err:
+        load_checkpoint(path, expected, "fc")
+    message = str(err.value)
+    assert message.startswith(f"{path} holds a model with ") and "channels=[16, 8]" in message
+    assert "params.yaml's models.fc says" in message and "train@fc" in message and "\n" not in message
+    assert "activation" not in message  # only what differs
+
+
+def test_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, group(), META)
+    with pytest.raises(StageError, match=r"models\.cnn says channels=\[4, 4\]; .*train@cnn"):
+        load_checkpoint(path, dataclasses.replace(CNN, channels=(4, 4)))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,69 @@ def test_trickling_server_stops_at_the_deadline(http_server, tmp_path: Path) -> 
         fetch(http_server.url(NAME), tmp_path / "raw" / NAME, "0" * 32, timeout=1, deadline=2)
     assert time.monotonic() - start < 6
     assert not (tmp_path / "raw" / NAME).exists()
+
+
+class TrickleServer:
+    """A raw loopback server that answers each request with `sent`, then `trickled` one byte every `pause` s.
+
+    Each connection stops by itself after len(trickled) * pause seconds, or at once when the client hangs up.
+    """
+
+    def __init__(self, sent: bytes, trickled: bytes, pause: float = 0.25) -> None:
+        self.sent, self.trickled, self.pause = sent, trickled, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/{NAME}"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            conn.recv(65536)  # the GET request
+            conn.sendall(self.sent)
+            for byte in self.trickled:
+                if self.stop.wait(self.pause):
+                    return
+                conn.sendall(bytes([byte]))
+        except OSError:
+            pass  # the client hung up, as it should
+
+
+@pytest.fixture
+def trickle_server(request: pytest.FixtureRequest) -> Iterator[TrickleServer]:
+    server = TrickleServer(*request.param)
+    server.thread.start()
+    yield server
+    server.stop.set()
+    server.thread.join(10)
+    server.listener.close()
+
+
+@pytest.mark.parametrize("trickle_server", [
+    (b"", b"HTTP/1.1 200 " + b"O" * 40),  # the status line
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n", b"X-Pad: " + b"a" * 40),  # the headers
+], ids=["status-line", "headers"], indirect=True)
+def test_trickled_status_line_or_headers_stop_at_the_deadline(trickle_server: TrickleServer, tmp_path: Path) -> None:
+    """A byte every 0.25 s never trips the 1 s read timeout; the 3 s deadline covers the head too."""
+    target = tmp_path / "raw" / NAME
+    start = time.monotonic()
+    with pytest.raises(StageError, match=r"did not finish within data\.deadline") as err:
+        fetch(trickle_server.url(), target, "0" * 32, timeout=1, deadline=3)
+    assert time.monotonic() - start < 3 + 1.5
+    assert "\n" not in str(err.value)
+    assert raw_dir_entries(target) == []  # no target, no empty .part
 
 
 def test_body_without_length_stops_at_the_size_cap(http_server, tmp_path: Path) -> None:

@@ -58,3 +58,21 @@ def test_training_does_not_depend_on_figure_code() -> None:
     deps = set(DVC["stages"]["train"]["do"]["deps"])
     assert not {"cifar3study/reporting/figures.py", "cifar3study/reporting/conv_views.py", "cifar3study/reporting/report.py",
                 "cifar3study/reporting/evaluation.py"} & deps
+
+
+def test_every_stage_built_from_params_runs_after_check_params() -> None:
+    """DVC pastes params into these stages' commands and outputs: check_params must stop a bad file first."""
+    checked = DVC["stages"]["check_params"]["outs"][0]
+    checked = next(iter(checked)) if isinstance(checked, dict) else checked
+    assert "${" not in yaml.safe_dump(DVC["stages"]["check_params"])
+    interpolated = {name for name, stage in DVC["stages"].items() if "${" in yaml.safe_dump(stage.get("do", stage))}
+    assert interpolated >= {"train", "evaluate", "visualize"}
+    for name in interpolated:
+        stage = DVC["stages"][name].get("do", DVC["stages"][name])
+        assert checked in stage["deps"], f"{name} does not depend on {checked}"
+
+
+def test_check_params_lists_every_params_section() -> None:
+    """It validates the whole file, so any params edit must rerun it."""
+    sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert set(DVC["stages"]["check_params"]["params"]) == sections

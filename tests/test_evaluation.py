@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,26 @@ def test_bad_files_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("actual,predicted,seed\nairplane,zebra,0\n")
     with pytest.raises(StageError, match="KeyError"):
         evaluation.read_confusion_csv(tmp_path / "c.csv", CLASSES)
+
+
+@pytest.mark.parametrize(("key", "text", "shown"), [
+    ("val_acc_seed7", "NaN", "nan"),
+    ("val_acc", "Infinity", "inf"),
+    ("images_per_second", "-Infinity", "-inf"),
+    ("gap_std", "1e999", "inf"),
+    ("params", '"18123"', "'18123'"),
+])
+def test_non_finite_or_non_numeric_metrics_are_refused_by_name(tmp_path: Path, key: str, text: str, shown: str) -> None:
+    metrics = evaluation.model_metrics({0: evaluation.seed_metrics((Y_TRUE, Y_TRUE), (Y_TRUE, Y_PRED)),
+                                        7: evaluation.seed_metrics((Y_TRUE, Y_PRED), (Y_TRUE, Y_TRUE))}, 10, SPEED)
+    evaluation.write_metrics(tmp_path / "m.json", metrics)
+    raw = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**raw, key: "PLACEHOLDER"}).replace('"PLACEHOLDER"', text))
+    with pytest.raises(StageError, match=re.escape(f"m.json: '{key}' is {shown}, not a finite number")):
+        evaluation.read_metrics(tmp_path / "m.json")
+
+
+def test_an_oversized_metrics_file_is_refused_unread(tmp_path: Path) -> None:
+    (tmp_path / "m.json").write_text(json.dumps({"params": 1, "pad": "x" * (2 << 20)}))
+    with pytest.raises(StageError, match="more than 1,048,576 bytes"):
+        evaluation.read_metrics(tmp_path / "m.json")

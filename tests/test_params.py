@@ -59,6 +59,19 @@ def test_repo_params_load_and_every_field_is_set(raw: dict) -> None:
     (("train", "seeds"), 3, "train.seeds must be a list"),
     (("visualize", "seed"), 9, "visualize.seed must be one of train.seeds"),
     (("visualize", "model"), "wide", "visualize.model must name a model with arch: cnn"),
+    # Sizes that are meaningless, or would allocate gigabytes to terabytes before failing (issue 19, item 2).
+    (("models", "fc", "hidden"), [1_000_000_000], "models.fc.hidden widths must be 1 to 65536"),
+    (("models", "fc", "hidden"), [8] * 65, "models.fc.hidden must list at most 64 layers"),
+    (("models", "cnn", "channels"), [100_000], "models.cnn.channels must list 1 to 64 conv channel counts of 1 to 4096"),
+    (("models", "cnn", "padding"), 1_000_000, "models.cnn.padding must be >= 0 and < kernel_size"),
+    (("models", "cnn", "padding"), 3, "models.cnn.padding must be >= 0 and < kernel_size"),
+    (("models", "cnn", "kernel_size"), 33, "models.cnn.kernel_size must be 1 to 32"),
+    (("models", "cnn", "pool"), 33, "models.cnn.pool must be 1 to 32"),
+    (("models", "cnn", "channels"), [4] * 6, "models.cnn.channels has more conv \\+ pool layers than 32 px"),
+    (("train", "seeds"), list(range(100_000)), "train.seeds must list at most 64 seeds"),
+    (("train", "epochs"), 10_001, "train.epochs must be 1 to 10000"),
+    (("train", "batch_size"), 60_001, "train.batch_size must be 1 to 60000"),
+    (("evaluate", "batch_size"), 10**12, "evaluate.batch_size must be 1 to 60000"),
 ])
 def test_bad_value_names_the_key(raw: dict, path: tuple, value: object, needle: str) -> None:
     bad = copy.deepcopy(raw)
@@ -128,3 +141,44 @@ def test_a_huge_unknown_key_still_gives_a_short_message(raw: dict) -> None:
     with pytest.raises(ParamError) as err:
         parse_params(raw)
     assert len(str(err.value)) < 400 and "is not a known key" in str(err.value)
+
+
+def test_the_caps_admit_their_own_bounds(raw: dict) -> None:
+    """Each cap refuses just past its bound, not at it: five 2 px pools leave 1 px of 32, as does one of 32 px."""
+    raw["models"]["fc"]["hidden"] = [65_536] + [8] * 63
+    raw["models"]["cnn"]["channels"] = [4_096] + [4] * 4
+    raw["models"]["big"] = {**raw["models"]["cnn"], "channels": [4] * 64, "kernel_size": 32, "padding": 31,
+                            "pool": 1}
+    raw["models"]["one"] = {**raw["models"]["cnn"], "channels": [4], "kernel_size": 32, "padding": 31, "pool": 32}
+    raw["train"].update({"seeds": list(range(64)), "epochs": 10_000, "batch_size": 60_000})
+    raw["evaluate"]["batch_size"] = 60_000
+    parse_params(raw)
+
+
+@pytest.mark.parametrize("name", ["a;touch pwned;b", "../../../victim", "$(id)", "Fc", "fc-2", "x" * 33, 1, None])
+def test_model_names_that_dvc_would_paste_into_commands_are_refused(raw: dict, name: object) -> None:
+    raw["models"][name] = raw["models"]["fc"]
+    with pytest.raises(ParamError, match=r"models key .* must match \[a-z\]\[a-z0-9_\]\*") as err:
+        parse_params(raw)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_32_character_model_name_is_fine(raw: dict) -> None:
+    raw["models"]["m" * 32] = raw["models"]["fc"]
+    assert "m" * 32 in parse_params(raw).models
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("? [1, 2]\n: x\n", "a key on line 1 is a list or mapping"),
+    ("train: {}\n[a]: 1\n", "a key on line 2 is a list or mapping"),
+    ("{a: 1}: 2\n", "a key on line 1 is a list or mapping"),
+    ("[" * 100_000, "nests deeper than 50 levels"),
+    ("- " * 100_000 + "x\n", "nests deeper than 50 levels"),
+    ("{a: " * 100_000, "nests deeper than 50 levels"),
+])
+def test_hostile_yaml_shapes_are_named_refusals(tmp_path: Path, text: str, needle: str) -> None:
+    """A list as a key made PyYAML raise TypeError, deep nesting RecursionError: both `unexpected ...` lines."""
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamError, match=re.escape(needle)) as err:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,27 @@ def test_missing_or_unreadable(tmp_path: Path, text: str, needle: str) -> None:
     (tmp_path / "r.json").write_text(text)
     with pytest.raises(StageError, match=needle):
         read_run_info(tmp_path / "r.json")
+
+
+def test_an_oversized_record_is_refused_unread(tmp_path: Path) -> None:
+    """A 4 MB run_id (a 30 MB one cost 700 MB): refused from the file's size, in bounded memory."""
+    write_run_info(tmp_path / "r.json", INFO)
+    record = {**json.loads((tmp_path / "r.json").read_text()), "run_id": "a" * (4 << 20)}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StageError, match=r"r.json is more than 65,536 bytes, not a run-info record") as refused:
+            read_run_info(tmp_path / "r.json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and len(str(refused.value)) < 400
+
+
+def test_a_long_field_is_quoted_bounded(tmp_path: Path) -> None:
+    write_run_info(tmp_path / "r.json", INFO)
+    record = {**json.loads((tmp_path / "r.json").read_text()), "run_id": [[1] * 40] * 300}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    with pytest.raises(StageError, match=r"run_id is \[\[1, 1, 1, 1, \.\.\.\], .*not a str") as refused:
+        read_run_info(tmp_path / "r.json")
+    assert len(str(refused.value)) < 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from pathlib import Path
@@ -96,3 +97,35 @@ def test_opcode_limit_is_checked_before_anything_is_built() -> None:
     assert load_dict(blob, 1000)["labels"] == list(range(200))
     with pytest.raises(pickle.UnpicklingError, match="more than 50 pickle operations"):
         load_dict(blob, 50)
+
+
+class Reduces:
+    """Pickles as `call(*args)`, then `__setstate__(state)` when a state is given."""
+
+    def __init__(self, call: object, args: tuple, state: object = None) -> None:
+        self.reduced = (call, args) if state is None else (call, args, state)
+
+    def __reduce__(self) -> tuple:
+        return self.reduced
+
+
+def memo_shared(width: int = 4, depth: int = 11) -> list:
+    """A few hundred pickle bytes whose repr is width**depth leaves (17 MB here): memo references, not copies."""
+    value: list = ["leaf"]
+    for _ in range(depth):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize(("reduced", "why"), [
+    (Reduces(np.dtype, (memo_shared(),)), "refused dtype [[[...]"),
+    (Reduces(np.dtype, ("u1",), memo_shared()), "refused dtype state [[[...]"),
+    (Reduces(np._core.multiarray._reconstruct, (memo_shared(), (0,), b"b")), "refused array subtype [[[...]"),
+    (Reduces(codecs.encode, ("x", memo_shared())), "refused codec call encode(..., [[[...]"),
+], ids=["dtype", "dtype-state", "array-subtype", "codec"])
+def test_refusals_quote_a_huge_argument_elided(reduced: Reduces, why: str) -> None:
+    blob = pickle.dumps({"data": reduced, "labels": [0]}, protocol=2)
+    assert len(blob) < 1000
+    with pytest.raises(pickle.UnpicklingError) as refused:
+        load_dict(blob, LIMIT)
+    assert str(refused.value).startswith(why) and len(str(refused.value)) < 200

@@ -1,37 +1,44 @@
 """The CIFAR-10 python archive: checked before it is read, read without extracting, cut to the kept classes.
 
-Its size and MD5 are checked before anything in it is opened; every tar
-member is checked (no links, devices, absolute or `..` paths, nothing larger
-than a batch) before it is read; the batches go through `safe_pickle`, never
-`pickle.load`; and the decoded data must look like CIFAR-10 (distinct class
+Its size and MD5 are checked before anything in it is opened; the tar stream
+is walked by `tar_headers`, which bounds every header before reading it;
+every member is checked (no links, devices, sparse files, absolute or `..`
+paths, nothing larger than a batch) before it is read; the batches go through
+`safe_pickle`, never `pickle.load`; and the decoded data must look like CIFAR-10 (distinct class
 names, labels in range, every kept class present) before a split is written.
 """
 
 from __future__ import annotations
 
+import gzip
 import tarfile
+import zlib
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cifar3study.data import safe_pickle
+from cifar3study.data import safe_pickle, tar_headers
 from cifar3study.data.cifar10_format import (
     BATCH_DIR,
     IMAGE_BYTES,
     IMAGES_PER_BATCH,
     MAX_ARCHIVE_BYTES,
+    MAX_EXTENSION_BYTES,
     MAX_MEMBER_BYTES,
     MAX_MEMBERS,
     MAX_PICKLE_OPCODES,
+    MAX_TAR_BYTES,
     META,
     TRAIN_BATCHES,
     VAL_BATCH,
 )
 from cifar3study.data.dataset import Split
-from cifar3study.errors import StageError, quote
+from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import file_md5
 
 NOT_CIFAR = "the archive is not CIFAR-10 python format"
+LIMITS = tar_headers.Limits(members=MAX_MEMBERS, extension_bytes=MAX_EXTENSION_BYTES, total_bytes=MAX_TAR_BYTES)
 
 
 def verify(archive: Path, md5: str) -> None:
@@ -48,10 +55,12 @@ def verify(archive: Path, md5: str) -> None:
 
 
 def check_member(member: tarfile.TarInfo) -> None:
-    """Refuse absolute paths, `..`, links, devices (stricter than tarfile's data filter) and oversized files."""
+    """Refuse absolute paths, `..`, links, devices, sparse files (stricter than tarfile's data filter), oversized files."""
     name = quote(member.name)
     if not (member.isfile() or member.isdir()):
         raise StageError(f"archive member {name} is a link or device; refusing the archive")
+    if member.type == tarfile.GNUTYPE_SPARSE:
+        raise StageError(f"archive member {name} is a sparse file; refusing the archive")
     path = PurePosixPath(member.name)
     if path.is_absolute() or ".." in path.parts:
         raise StageError(f"archive member {name} has an absolute path or '..'; refusing the archive")
@@ -64,27 +73,15 @@ def check_member(member: tarfile.TarInfo) -> None:
         raise StageError(f"archive member {name} refused ({err.__class__.__name__}); refusing the archive") from err
 
 
-def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Every member, checked as it is met; stops at MAX_MEMBERS rather than scanning a bomb to its end."""
-    members = []
-    for member in tar:
-        check_member(member)
-        members.append(member)
-        if len(members) > MAX_MEMBERS:
-            raise StageError(f"archive has more than {MAX_MEMBERS} members; it is not the CIFAR-10 python archive")
-    return members
-
-
 def read_batches(archive: Path) -> dict[str, bytes]:
-    """The raw bytes of the meta and batch files, every member checked before any is read."""
+    """The raw bytes of the meta and batch files, every header bounded and every member checked before it is read."""
     wanted = {f"{BATCH_DIR}/{name}" for name in (*TRAIN_BATCHES, VAL_BATCH, META)}
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = _members(tar)
-            files = {m.name: tar.extractfile(m).read(MAX_MEMBER_BYTES) for m in members
-                     if m.name in wanted and m.isfile()}
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise StageError(f"{archive} is not a readable .tar.gz ({err}); delete it and download again") from err
+        with gzip.open(archive, "rb") as stream:
+            files = tar_headers.read_members(stream, LIMITS, check_member, wanted)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise StageError(f"{archive} is not a readable .tar.gz ({one_line(err, 160)}); delete it and download again") \
+            from err
     missing = sorted(wanted - files.keys())
     if missing:
         raise StageError(f"{archive} lacks {', '.join(missing)}; it is not the CIFAR-10 python archive")
@@ -96,7 +93,8 @@ def unpickle(data: bytes, what: str) -> dict:
         return safe_pickle.load_dict(data, MAX_PICKLE_OPCODES)
     except Exception as err:
         raise StageError(
-            f"{what} is not a valid CIFAR batch ({err}); the archive is corrupt or malicious, delete it and download again"
+            f"{what} is not a valid CIFAR batch ({one_line(err, 200)}); the archive is corrupt or malicious, "
+            "delete it and download again"
         ) from err
 
 
@@ -122,7 +120,7 @@ def label_names(meta: dict) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise StageError(f"{META} has no list of label_names; {NOT_CIFAR}")
     if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)  # not names.count: quadratic
         raise StageError(f"{META} names class {quote(twice[0])} more than once; {NOT_CIFAR}")
     return names
 

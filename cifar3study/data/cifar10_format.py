@@ -18,3 +18,5 @@ MAX_MEMBERS = 16  # the archive has 9 (a folder, 6 batches, the meta file, a rea
 MAX_MEMBER_BYTES = 32 << 20  # a batch pickle is 31.0 MB (10,000 x 3,072 bytes plus labels and file names)
 MAX_PICKLE_OPCODES = 100_000  # a batch pickle has ~30,000; more means a structure no batch has
 MAX_ARCHIVE_BYTES = 200 << 20  # 6 batches at the member cap (192 MiB), plus headers; gzip cannot grow raw pixels
+MAX_TAR_BYTES = 200 << 20  # the decompressed tar: 186,060,800 bytes for the mirror, about as much for the official one
+MAX_EXTENSION_BYTES = 64 << 10  # one PAX or GNU long-name header; the archive has none, a repacked one a few hundred bytes

@@ -3,18 +3,22 @@
 The archive goes to `<target>.part` first (resumed with an HTTP Range request
 after a cut transfer) and is renamed over the target only once its MD5 is
 right, so the target either is the verified archive or does not exist. The
-whole download, retries included, must finish within a deadline, and no
+whole download, retries included, must finish within a deadline (connecting,
+the TLS handshake, status line and headers as much as the body), and no
 more bytes are accepted than a CIFAR-10 archive can have: a trickling or
 lying server costs neither hours nor disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import http.client
 import logging
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -61,12 +65,85 @@ def local_source(url: str) -> Path | None:
     raise StageError(f"unsupported URL scheme {quote(parsed.scheme)} in {quote(url)}; use http(s)://, file:// or a path")
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+class _Watchdog:
+    """Shuts down every socket of one attempt at `stop_at`, whatever the attempt is waiting for.
+
+    urllib's timeout bounds each socket operation, not their sum, so a server that sends its TLS handshake,
+    status line, headers or body a byte at a time would never time out. shutdown() makes a blocked read return
+    at once; it acts on the connection, so a dup() of the socket still reaches it after ssl takes the original.
+    """
+
+    def __init__(self, stop_at: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(max(stop_at - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _connect(self, address: tuple[str, int], timeout: float, source_address: object = None) -> socket.socket:
+        sock = socket.create_connection(address, timeout, source_address)
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.fired:
+                sock.shutdown(socket.SHUT_RDWR)
+        return sock
+
+    def connection_class(self, http_class: type[http.client.HTTPConnection]) -> object:
+        """`http_class`, opening its socket through the watchdog (http.client's own hook for that)."""
+        def make(host: str, **kwargs: object) -> http.client.HTTPConnection:
+            connection = http_class(host, **kwargs)
+            connection._create_connection = self._connect
+            return connection
+        return make
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        handlers = [_WatchedHTTPHandler(), _WatchedHTTPSHandler()]
+        for handler in handlers:
+            handler.watchdog = self
+        return urllib.request.build_opener(*handlers)
+
+
+class _Watched(urllib.request.AbstractHTTPHandler):
+    """An HTTP(S) handler whose connections open their sockets through `watchdog`."""
+
+    watchdog: _Watchdog
+
+    def do_open(self, http_class: type, req: urllib.request.Request, **kwargs: object) -> http.client.HTTPResponse:
+        return super().do_open(self.watchdog.connection_class(http_class), req, **kwargs)
+
+
+class _WatchedHTTPHandler(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
+def _open(opener: urllib.request.OpenerDirector, url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     request = urllib.request.Request(url, headers={"User-Agent": "cifar3-pipeline"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         err.close()
         if err.code >= 500 or err.code in (408, 429):
@@ -98,16 +175,10 @@ def _announced_total(response: http.client.HTTPResponse, offset: int, limits: Li
     return total
 
 
-def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm, room: int, stop_at: float) -> int:
-    """Append the body to `out`; network errors are transient, write errors (disk full) are not.
-
-    read1 returns whatever has arrived, so a trickle still meets the deadline check.
-    """
+def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm, room: int) -> int:
+    """Append the body to `out`; network errors are transient, write errors (disk full) are not."""
     received = 0
     while True:
-        if time.monotonic() > stop_at:
-            raise StageError("the download did not finish within data.deadline seconds; the partial file is kept, "
-                             "rerun to resume or raise data.deadline")
         try:
             block = response.read1(CHUNK)
         except (http.client.HTTPException, OSError) as err:
@@ -121,11 +192,30 @@ def _copy_body(response: http.client.HTTPResponse, out: BinaryIO, bar: tqdm, roo
         bar.update(len(block))
 
 
+def _past_deadline(part: Path, limits: Limits) -> StageError:
+    if part.exists() and part.stat().st_size == 0:  # cut before any of the body came
+        part.unlink()
+    kept = "rerun to resume the partial file" if part.exists() else "rerun"
+    return StageError(f"the download did not finish within data.deadline ({limits.deadline:g} s); {kept} "
+                      "or raise data.deadline")
+
+
 def fetch_http(url: str, part: Path, limits: Limits, stop_at: float) -> None:
-    """One attempt: append the rest of `url` to `part`, resuming where it ends."""
+    """One attempt, stopped at `stop_at`: append the rest of `url` to `part`, resuming where it ends."""
+    with _Watchdog(stop_at) as watchdog:
+        try:
+            _attempt(watchdog.opener(), url, part, limits, stop_at)
+        except TransientError:
+            if not watchdog.fired:
+                raise
+    if watchdog.fired:  # the cut may have looked like an error or like the end of the headers or body
+        raise _past_deadline(part, limits)
+
+
+def _attempt(opener: urllib.request.OpenerDirector, url: str, part: Path, limits: Limits, stop_at: float) -> None:
     offset = part.stat().st_size if part.exists() else 0
     try:
-        response = _open(url, offset, min(limits.timeout, max(stop_at - time.monotonic(), 0.1)))
+        response = _open(opener, url, offset, min(limits.timeout, max(stop_at - time.monotonic(), 0.1)))
     except urllib.error.HTTPError:
         part.unlink(missing_ok=True)
         raise TransientError("server refused to resume (HTTP 416); restarting") from None
@@ -134,7 +224,7 @@ def fetch_http(url: str, part: Path, limits: Limits, stop_at: float) -> None:
         total = _announced_total(response, offset, limits)
         with open(part, "ab" if offset else "wb") as out, \
                 tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name, disable=None) as bar:
-            size = offset + _copy_body(response, out, bar, limits.max_bytes - offset, stop_at)
+            size = offset + _copy_body(response, out, bar, limits.max_bytes - offset)
     if total is not None and size < total:
         raise TransientError(f"transfer cut after {size} of {total} bytes")
 

@@ -3,7 +3,9 @@
 An unchecked `pickle.load` of a downloaded file runs whatever code it names.
 This one resolves only the globals the official batches use, each to a
 stand-in that rebuilds a plain integer array from raw bytes; any other
-global, dtype or array subtype is refused before it runs.
+global, dtype or array subtype is refused before it runs. Refusals quote what
+they were handed through `errors.quote`, which elides before formatting: a
+memo-shared nested list would otherwise print as gigabytes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from cifar3study.errors import quote
+
 INT_DTYPES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
 _NDARRAY = object()  # what the global `numpy.ndarray` resolves to: a marker for _Array, never called
 
@@ -24,14 +28,14 @@ class _Dtype:
 
     def __init__(self, spec: object, align: object = False, copy: object = True) -> None:
         if not isinstance(spec, str) or spec not in INT_DTYPES:
-            raise pickle.UnpicklingError(f"refused dtype {spec!r} (only plain integers are expected)")
+            raise pickle.UnpicklingError(f"refused dtype {quote(spec)} (only plain integers are expected)")
         self.dtype = np.dtype(spec)
 
     def __setstate__(self, state: object) -> None:
         # numpy's state: (3, byte order, subarray, names, fields, itemsize, alignment, flags)
         if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
                 and state[2:] == (None, None, None, -1, -1, 0)):
-            raise pickle.UnpicklingError(f"refused dtype state {state!r}")
+            raise pickle.UnpicklingError(f"refused dtype state {quote(state)}")
         if state[1] in ("<", ">"):
             self.dtype = self.dtype.newbyteorder(state[1])
 
@@ -41,7 +45,7 @@ class _Array:
 
     def __init__(self, subtype: object, shape: object, dtype: object) -> None:
         if subtype is not _NDARRAY:
-            raise pickle.UnpicklingError(f"refused array subtype {subtype!r}")
+            raise pickle.UnpicklingError(f"refused array subtype {quote(subtype)}")
         self.array: np.ndarray | None = None
 
     def __setstate__(self, state: object) -> None:
@@ -57,7 +61,7 @@ class _Array:
 
 def _encode(text: object, encoding: str = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused codec call encode(..., {encoding!r})")
+        raise pickle.UnpicklingError(f"refused codec call encode(..., {quote(encoding)})")
     return text.encode("latin1")
 
 

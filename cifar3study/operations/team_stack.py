@@ -5,11 +5,12 @@
     python -m cifar3study.operations.team_stack down             # stops everything and deletes the stack's folder
 
 `up` starts what is not running (PostgreSQL as an unprivileged user when run
-as root, moto's S3 server with credential checks, `mlflow server`), writes a
-DVC remote on the same bucket to `.dvc/config.local`, and prints `export`
-lines. In production the same settings point at a managed PostgreSQL and at
-MinIO or AWS S3 (endpoint URL, bucket, credentials). moto keeps objects in
-memory, so the stack is throwaway: `down` deletes it whole.
+as root, with a generated password; moto's S3 server with credential checks;
+`mlflow server`), writes a DVC remote on the same bucket to
+`.dvc/config.local`, and prints `export` lines. Secrets live in files only
+their owner reads and in child environments, never on a command line. In
+production the same settings point at a managed PostgreSQL and at MinIO or AWS
+S3. moto keeps objects in memory, so the stack is throwaway: `down` deletes it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,17 +29,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 from cifar3study.errors import StageError, one_line
+from cifar3study.operations.processes import HOST, alive, free_port, listening, write_private
+from cifar3study.operations.team_postgres import start_postgres, stop_postgres
 from cifar3study.tracking.store import health_error
 
 log = logging.getLogger("team-stack")
-HOST = "127.0.0.1"
 BUCKET = "cifar3"
 COMPONENTS = ("postgres", "s3", "mlflow")
-POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-UNPRIVILEGED = ("nobody", "nogroup")  # PostgreSQL refuses to run as root
 BIN = Path(sys.executable).parent  # moto_server, mlflow and dvc of this environment
 
 
@@ -52,10 +49,23 @@ class Stack:
     s3_key: str = ""
     s3_secret: str = ""
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    postgres_dir: str = ""  # the cluster's own folder, which the unprivileged user can reach
+    postgres_password: str = ""  # the role mlflow's, given to clients in PGPASSWORD
+    dvc_repo: str = ""  # where `up` wrote the DVC remote, for `down` to remove it
+    dvc_config_created: bool = False  # `up` created .dvc/config.local: `down` may delete it
+
+    @property
+    def postgres_folder(self) -> Path:
+        return Path(self.postgres_dir) if self.postgres_dir else self.dir / "postgres"
 
     @property
     def postgres_uri(self) -> str:
+        """Without the password: libpq takes it from PGPASSWORD, so no command line shows it."""
         return f"postgresql+psycopg2://mlflow@{HOST}:{self.ports['postgres']}/mlflow"
+
+    @property
+    def postgres_env(self) -> dict[str, str]:
+        return {**os.environ, "PGPASSWORD": self.postgres_password}
 
     @property
     def s3_endpoint(self) -> str:
@@ -67,13 +77,7 @@ class Stack:
 
     def save(self) -> None:
         state = {**dataclasses.asdict(self), "dir": str(self.dir)}
-        (self.dir / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+        write_private(self.dir / "state.json", json.dumps(state, indent=1))
 
 
 def open_stack(folder: Path) -> Stack:
@@ -83,54 +87,8 @@ def open_stack(folder: Path) -> Stack:
         state = json.loads((folder / "state.json").read_text())
         return Stack(**{**state, "dir": folder})
     folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o755)  # the unprivileged PostgreSQL user must be able to enter it
-    return Stack(folder, {name: _free_port() for name in COMPONENTS})
-
-
-def _as_postgres_user(cmd: list[str]) -> list[str]:
-    root = os.geteuid() == 0
-    return ["setpriv", f"--reuid={UNPRIVILEGED[0]}", f"--regid={UNPRIVILEGED[1]}", "--clear-groups", "--", *cmd] if root else cmd
-
-
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise StageError(f"{what} failed ({one_line(done.stderr or done.stdout, 200)}); see the logs in the stack folder")
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((HOST, port)) == 0
-
-
-def start_postgres(stack: Stack) -> None:
-    if not (POSTGRES_BIN / "pg_ctl").is_file():
-        raise StageError(f"PostgreSQL 15 is not installed ({POSTGRES_BIN}); install it or set POSTGRES_BIN")
-    folder, data = stack.dir / "postgres", stack.dir / "postgres" / "data"
-    folder.mkdir(exist_ok=True)
-    folder.chmod(0o700)
-    if os.geteuid() == 0:
-        shutil.chown(folder, *UNPRIVILEGED)
-    if not (data / "PG_VERSION").is_file():
-        _run(_as_postgres_user([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
-                                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]), "initdb", cwd=folder)
-    options = f"-h {HOST} -p {stack.ports['postgres']} -k {folder} -c fsync=off"  # throwaway: no fsync
-    _run(_as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"),
-                            "-w", "-t", "60", "-o", options, "start"]), "starting PostgreSQL", cwd=folder)
-    listed = subprocess.run([str(POSTGRES_BIN / "psql"), "-h", HOST, "-p", str(stack.ports["postgres"]), "-U", "mlflow",
-                             "-d", "postgres", "-Atc", "select 1 from pg_database where datname = 'mlflow'"],
-                            capture_output=True, text=True, timeout=60)
-    if listed.stdout.strip() != "1":
-        _run([str(POSTGRES_BIN / "createdb"), "-h", HOST, "-p", str(stack.ports["postgres"]), "-U", "mlflow", "mlflow"],
-             "creating the mlflow database")
-
-
-def stop_postgres(stack: Stack) -> None:
-    data = stack.dir / "postgres" / "data"
-    if (data / "postmaster.pid").is_file():
-        subprocess.run(_as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       cwd=stack.dir / "postgres", capture_output=True, timeout=120)
+    folder.chmod(0o700)  # logs and state hold secrets; PostgreSQL lives elsewhere
+    return Stack(folder, {name: free_port() for name in COMPONENTS})
 
 
 def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -145,25 +103,11 @@ def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str] | None =
 def _wait(stack: Stack, name: str, ready: Callable[[], bool], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not ready():
-        alive = _alive(stack.pids.get(name))
-        if not alive or time.monotonic() > deadline:
+        if not alive(stack.pids.get(name)) or time.monotonic() > deadline:
             lines = [ln for ln in (stack.dir / f"{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
             reason = next((ln for ln in reversed(lines) if "Error" in ln or "ERROR" in ln), lines[-1] if lines else "")
             raise StageError(f"{name} did not start ({one_line(reason, 200)}); see {stack.dir / (name + '.log')}")
         time.sleep(0.2)
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether any process of the server's process group is still running (zombies do not count)."""
-    if not pid:
-        return False
-    for process in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(process.pid) == pid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
 
 
 def _stop(stack: Stack, name: str, grace: float = 10.0) -> None:
@@ -171,14 +115,14 @@ def _stop(stack: Stack, name: str, grace: float = 10.0) -> None:
     pid = stack.pids.pop(name, None)
     stack.save()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not _alive(pid):
+        if not alive(pid):
             return
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
@@ -193,7 +137,7 @@ def _aws(stack: Stack, service: str, key: str = "testing", secret: str = "testin
 def start_s3(stack: Stack) -> None:
     """moto's S3 server with a bucket and a user whose key it checks, as MinIO or AWS S3 would."""
     _spawn(stack, "s3", [str(BIN / "moto_server"), "-H", HOST, "-p", str(stack.ports["s3"])])
-    _wait(stack, "s3", lambda: _listening(stack.ports["s3"]), 60)
+    _wait(stack, "s3", lambda: listening(stack.ports["s3"]), 60)
     iam = _aws(stack, "iam")
     iam.create_user(UserName="team")
     iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(
@@ -215,10 +159,10 @@ def ensure_bucket(stack: Stack) -> None:
 
 def start_mlflow(stack: Stack, s3_secret: str | None = None) -> None:
     """`mlflow server` on PostgreSQL, storing artifacts in the bucket and serving them to clients."""
-    if not _listening(stack.ports["postgres"]):
+    if not listening(stack.ports["postgres"]):
         raise StageError(f"PostgreSQL at {HOST}:{stack.ports['postgres']} is down, so the MLflow server cannot start; "
                          "start it (python -m cifar3study.operations.team_stack start postgres) and rerun")
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.s3_key,
+    env = {**stack.postgres_env, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.s3_key,
            "AWS_SECRET_ACCESS_KEY": s3_secret or stack.s3_secret, "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its GenAI job workers: 7 processes this project never uses
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -233,17 +177,49 @@ def _healthy(uri: str) -> bool:
 
 
 def configure_dvc_remote(stack: Stack, repo: Path) -> None:
-    """A default DVC remote on the bucket, in .dvc/config.local: nothing machine-specific is committed."""
-    dvc = [str(BIN / "dvc"), "remote"]
-    _run([*dvc, "add", "--local", "--default", "--force", "team", f"s3://{BUCKET}/dvc"], "dvc remote add", repo)
-    for option, value in (("endpointurl", stack.s3_endpoint), ("access_key_id", stack.s3_key),
-                          ("secret_access_key", stack.s3_secret), ("region", "us-east-1")):
-        _run([*dvc, "modify", "--local", "team", option, value], f"dvc remote modify {option}", repo)
+    """A default DVC remote on the bucket, in .dvc/config.local (not committed), readable by its owner only.
+
+    Written through DVC's own config code rather than `dvc remote modify`, whose command line would show the key."""
+    from dvc.config import Config, ConfigError  # only the stack needs it
+
+    local = repo / ".dvc" / "config.local"
+    try:
+        os.close(os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private before DVC writes into it
+        stack.dvc_config_created = True
+    except FileExistsError:
+        local.chmod(0o600)
+    stack.dvc_repo = str(repo.resolve())
+    stack.save()
+    try:
+        with Config(dvc_dir=str(repo / ".dvc")).edit("local") as conf:
+            conf["remote"]["team"] = {"url": f"s3://{BUCKET}/dvc", "endpointurl": stack.s3_endpoint,
+                                      "access_key_id": stack.s3_key, "secret_access_key": stack.s3_secret,
+                                      "region": "us-east-1"}
+            conf["core"]["remote"] = "team"
+    except ConfigError as error:
+        raise StageError(f"DVC's config in {repo / '.dvc'} is invalid ({one_line(str(error), 200)}); fix it and rerun") from None
+    local.chmod(0o600)  # in case DVC ever writes it anew
+
+
+def remove_dvc_remote(stack: Stack) -> None:
+    """Take out what `up` wrote to .dvc/config.local; the file too when `up` made it and nothing else is left."""
+    from dvc.config import Config
+
+    local = Path(stack.dvc_repo) / ".dvc" / "config.local"
+    if not stack.dvc_repo or not local.is_file():
+        return
+    with Config(dvc_dir=str(local.parent)).edit("local", validate=False) as conf:
+        conf["remote"].pop("team", None)
+        if conf["core"].get("remote") == "team":
+            del conf["core"]["remote"]
+        left = any(conf.values())
+    if stack.dvc_config_created and not left:
+        local.unlink()
 
 
 def running(stack: Stack) -> dict[str, bool]:
-    return {"postgres": _listening(stack.ports["postgres"]), "s3": _alive(stack.pids.get("s3")),
-            "mlflow": _alive(stack.pids.get("mlflow")) and _healthy(stack.tracking_uri)}
+    return {"postgres": listening(stack.ports["postgres"]), "s3": alive(stack.pids.get("s3")),
+            "mlflow": alive(stack.pids.get("mlflow")) and _healthy(stack.tracking_uri)}
 
 
 def start(stack: Stack, name: str) -> None:
@@ -273,8 +249,11 @@ def up(stack: Stack, repo: Path | None) -> dict[str, str]:
 
 
 def down(stack: Stack) -> None:
+    """Stop everything and remove what `up` wrote: the DVC remote, PostgreSQL's folder, the stack's folder."""
     for name in reversed(COMPONENTS):
         stop(stack, name)
+    remove_dvc_remote(stack)
+    shutil.rmtree(stack.postgres_folder, ignore_errors=True)
     shutil.rmtree(stack.dir, ignore_errors=True)
 
 

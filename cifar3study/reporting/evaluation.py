@@ -18,11 +18,12 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from cifar3study.errors import StageError
+from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import write_json_atomic, write_text_atomic
 
 SPREAD_KEYS = ("train_acc", "val_acc", "gap", "val_macro_f1")
 SPEED_KEYS = ("seconds_per_epoch", "group_seconds_per_epoch", "images_per_second")
+MAX_METRICS_BYTES = 1 << 20  # a record is about 2 KiB plus 150 bytes a seed; a bigger file is not read at all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +113,30 @@ def _spread_from(raw: dict, key: str) -> Spread:
     return Spread(per_seed, float(raw[key]), std, ci)
 
 
+def _finite_numbers(path: Path, raw: object) -> dict:
+    """The flat record, every value a finite number or null (no spread for one seed): NaN would be reported as one."""
+    if not isinstance(raw, dict):
+        raise StageError(f"metrics {path} is not a JSON object; rerun its evaluate stage")
+    for key, value in raw.items():
+        finite = (type(value) is float and math.isfinite(value)) or (type(value) is int and abs(value) < 1 << 63)
+        if not (finite or value is None):
+            raise StageError(f"metrics {path}: {quote(key)} is {quote(value)}, not a finite number; "
+                             "rerun its evaluate stage")
+    return raw
+
+
 def read_metrics(path: Path) -> ModelMetrics:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_METRICS_BYTES + 1)
+        if len(data) > MAX_METRICS_BYTES:
+            raise ValueError(f"more than {MAX_METRICS_BYTES:,} bytes")
+        raw = _finite_numbers(path, json.loads(data.decode("utf-8")))
         return ModelMetrics(int(raw["params"]), **{k: _spread_from(raw, k) for k in SPREAD_KEYS},
                             **{k: float(raw[k]) for k in SPEED_KEYS})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise StageError(f"cannot read metrics {path} ({type(err).__name__}: {err}); rerun its evaluate stage") from err
+        raise StageError(f"cannot read metrics {path} ({type(err).__name__}: {one_line(err, 160)}); "
+                         "rerun its evaluate stage") from err
 
 
 @dataclasses.dataclass(frozen=True)

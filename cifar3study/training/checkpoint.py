@@ -1,7 +1,9 @@
 """The checkpoint format: every seed's weights plus what it takes to rebuild and feed them, read back typed.
 
 A checkpoint is a `torch.save` of plain tensors, strings, numbers and lists,
-so it loads with `weights_only=True` (no pickle of code).
+so it loads with `weights_only=True` (no pickle of code). Every reader names
+the params.yaml entry it expects, and a file holding another architecture is
+refused before any model is built from it.
 """
 
 from __future__ import annotations
@@ -49,11 +51,32 @@ def _meta(payload: dict) -> CheckpointMeta:
     return CheckpointMeta(config, tuple(str(c) for c in payload["classes"]), stats, tuple(int(s) for s in payload["seeds"]))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[int, nn.Module], CheckpointMeta]:
-    """({seed: model on the CPU in eval mode}, metadata), from the file alone."""
+def _differences(config: ModelParams, other: ModelParams) -> str:
+    """`config`'s settings that differ from `other`'s, each cut short: the file's could be anything."""
+    theirs = dataclasses.asdict(other)
+    shown = (f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in dataclasses.asdict(config).items()
+             if v != theirs[k] and v is not None)
+    return ", ".join(text if len(text) <= 60 else text[:57] + "..." for text in shown)
+
+
+def _check_config(path: Path, found: ModelParams, expected: ModelParams, name: str) -> None:
+    if found != expected:
+        raise StageError(f"{path} holds a model with {_differences(found, expected)}, but params.yaml's "
+                         f"models.{name} says {_differences(expected, found)}; rerun its train stage "
+                         f"(dvc repro -f train@{name})")
+
+
+def load_checkpoint(path: Path, expected: ModelParams, name: str | None = None) \
+        -> tuple[dict[int, nn.Module], CheckpointMeta]:
+    """({seed: model on the CPU in eval mode}, metadata), refused unless its architecture is `expected`.
+
+    `name` is the models entry `expected` comes from; by default the file's stem, as dvc.yaml names checkpoints.
+    """
+    name = name or Path(path).stem
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         meta = _meta(payload)
+        _check_config(path, meta.config, expected, name)
         models = {}
         for seed, state in zip(meta.seeds, payload["states"], strict=True):
             models[seed] = build_model(meta.config, len(meta.classes))
@@ -62,6 +85,6 @@ def load_checkpoint(path: Path) -> tuple[dict[int, nn.Module], CheckpointMeta]:
     except StageError:
         raise
     except Exception as err:  # any unreadable or foreign file: one line, not a traceback
-        raise StageError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {err}); "
-                         "rerun its train stage (dvc repro -f train@<model>)") from err
+        raise StageError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {str(err)[:200]}); "
+                         f"rerun its train stage (dvc repro -f train@{name})") from err
     return models, meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 
 import numpy as np
 import torch
@@ -53,9 +54,23 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def onednn_version() -> str:
+    """The oneDNN (MKL-DNN) build torch runs its CPU convs and matmuls with; `none` without one."""
+    if not torch.backends.mkldnn.is_available():
+        return "none"
+    found = re.search(r"(?:MKL-DNN|oneDNN)\s+v([\w.]+)", torch.__config__.show())
+    return found.group(1) if found else "unknown"
+
+
 def describe(device: torch.device) -> dict[str, str]:
-    """What ran, as provenance tags: CUDA versions only for a CUDA device (a CPU run used none)."""
-    tags = {"device": device_name(device), "device.type": device.type, "torch.version": torch.__version__}
+    """What ran, as provenance tags: everything that changes numerics (a rerun is bitwise only when all match).
+
+    CUDA versions only for a CUDA device (a CPU run used none). Threads split
+    CPU reductions differently, so a thread count of its own changes the bits.
+    """
+    tags = {"device": device_name(device), "device.type": device.type, "torch.version": torch.__version__,
+            "numpy.version": np.__version__, "onednn.version": onednn_version(),
+            "cpu.capability": torch.backends.cpu.get_cpu_capability(), "torch.threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         tags["cuda.version"] = torch.version.cuda or "unknown"
         tags["cudnn.version"] = str(torch.backends.cudnn.version())
@@ -68,3 +83,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def is_available(device_type: str) -> bool:
+    """Whether a device of this type (cpu, cuda, mps) can run here."""
+    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(
+        device_type, False)

@@ -7,10 +7,11 @@ import json
 import re
 from pathlib import Path
 
-from cifar3study.errors import StageError, quote
+from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import write_json_atomic
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+MAX_RECORD_BYTES = 64 << 10  # a real record is under 4 KiB even with a hundred seeds; a bigger file is not read at all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +53,13 @@ def _run_id(path: Path, value: object, what: str) -> str:
 def read_run_info(path: Path) -> RunInfo:
     """The record, every field checked for presence and type before anyone uses it."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+        if len(data) > MAX_RECORD_BYTES:
+            raise StageError(f"{path} is more than {MAX_RECORD_BYTES:,} bytes, not a run-info record; rerun its train stage")
+        raw = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as err:
-        raise StageError(f"cannot read {path} ({err}); rerun its train stage") from err
+        raise StageError(f"cannot read {path} ({one_line(err, 160)}); rerun its train stage") from err
     if not isinstance(raw, dict):
         raise StageError(f"{path} is not a run-info record; rerun its train stage")
     scalars = {key: _field(path, raw, key, kind) for key, kind in _SCALARS.items()}

@@ -13,22 +13,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
 import mlflow
+import psutil
 import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from cifar3study.operations import team_stack
+from cifar3study.operations import team_postgres, team_stack
 from tests.e2e.conftest import ENV, ran, sh
 from tests.e2e.test_queue import LRS, run_queue
 
-pytestmark = pytest.mark.skipif(not (team_stack.POSTGRES_BIN / "pg_ctl").is_file(), reason="needs PostgreSQL 15")
+pytestmark = pytest.mark.skipif(not (team_postgres.POSTGRES_BIN / "pg_ctl").is_file(), reason="needs PostgreSQL 15")
 
 
 @dataclasses.dataclass
@@ -77,14 +77,14 @@ def one_line_failure(process: subprocess.Popen | subprocess.CompletedProcess, ti
 
 
 @pytest.fixture(scope="module")
-def team(make_repo: Callable[..., Path]) -> Iterator[Team]:
+def team(make_repo: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     repo = make_repo(epochs=1, seeds=[0])
-    folder = Path(tempfile.mkdtemp(prefix="cifar3-team-", dir="/tmp"))  # pytest's tmp root is 0700: no entry for nobody
+    folder = tmp_path_factory.mktemp("team") / "stack"  # under pytest's 0700 root: PostgreSQL's cluster lives elsewhere
     output = sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(folder))
     team = Team(repo, folder, exports(output))
     yield team
-    sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(folder))
-    assert not folder.exists()
+    if folder.exists():  # the last test takes it down; this is for a run that stopped early
+        sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(folder))
 
 
 def test_up_prints_the_variables_and_a_second_up_changes_nothing(team: Team) -> None:
@@ -96,11 +96,35 @@ def test_up_prints_the_variables_and_a_second_up_changes_nothing(team: Team) -> 
     assert "config.local" in (team.repo / ".dvc" / ".gitignore").read_text()  # nothing machine-specific is committed
 
 
+def psql_select_one(team: Team, password: str | None) -> subprocess.CompletedProcess:
+    """`select 1` as role mlflow over TCP; without a password, as another local user where the test runs as root."""
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", **({"PGPASSWORD": password} if password else {})}
+    other = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"] if os.geteuid() == 0 else []
+    cmd = [*other, str(team_postgres.POSTGRES_BIN / "psql"), "-w", "-h", "127.0.0.1", "-p", str(team.stack.ports["postgres"]),
+           "-U", "mlflow", "-d", "mlflow", "-Atc", "select 1"]
+    return subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_secrets_are_private_and_postgres_wants_the_password(team: Team) -> None:
+    for secret_file in (team.folder / "state.json", team.repo / ".dvc" / "config.local"):
+        assert secret_file.stat().st_mode & 0o777 == 0o600, secret_file
+    stack = team.stack
+    assert stack.s3_secret in (team.repo / ".dvc" / "config.local").read_text()
+    assert not Path(stack.postgres_dir).is_relative_to(team.repo)
+    refused = psql_select_one(team, password=None)
+    assert refused.returncode != 0 and "password" in refused.stderr, refused.stdout + refused.stderr
+    assert psql_select_one(team, stack.postgres_password).stdout.strip() == "1"
+    for process in psutil.process_iter(["cmdline"]):  # the servers got the secrets some other way
+        line = " ".join(process.info["cmdline"] or [])
+        assert stack.postgres_password not in line and stack.s3_secret not in line, line
+
+
 def test_repro_logs_runs_to_postgres_and_artifacts_to_the_bucket(team: Team) -> None:
     output = sh(team.repo, "dvc", "repro", env=team.env)
     assert {"train@cnn", "evaluate@cnn", "compare"} <= ran(output)
-    with psycopg2.connect(host="127.0.0.1", port=team.stack.ports["postgres"], user="mlflow", dbname="mlflow") as db, \
-            db.cursor() as cursor:
+    stack = team.stack
+    with psycopg2.connect(host="127.0.0.1", port=stack.ports["postgres"], user="mlflow", dbname="mlflow",
+                          password=stack.postgres_password) as db, db.cursor() as cursor:
         cursor.execute("select t.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'kind'")
         rows = cursor.fetchall()
     assert sorted(rows) == [("comparison", "FINISHED")] + [("model", "FINISHED")] * 2 + [("seed", "FINISHED")] * 2
@@ -204,3 +228,12 @@ def test_fault_wrong_s3_credentials(team: Team, tmp_path: Path) -> None:
     assert team.stack_cli("start", "mlflow").returncode == 0
     rerun = team.train(tmp_path / "rerun", epochs=1)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
+
+
+def test_down_removes_what_up_wrote(team: Team) -> None:
+    postgres = Path(team.stack.postgres_dir)
+    assert postgres.is_dir()
+    sh(team.repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(team.folder))
+    assert not team.folder.exists() and not postgres.exists()
+    assert not (team.repo / ".dvc" / "config.local").exists()  # up made it: nothing of the user's was in it
+    assert "team" not in sh(team.repo, "dvc", "remote", "list")

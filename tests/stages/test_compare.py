@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -12,9 +13,9 @@ from tests.helpers import last_line, run_stage
 from tests.stages.conftest import Outputs
 
 
-def compare(outputs: Outputs, out_dir: Path, params: Path | None = None):
+def compare(outputs: Outputs, out_dir: Path, params: Path | None = None, metrics_dir: Path | None = None):
     root = outputs.root
-    return run_stage("compare", "--params", params or outputs.params, "--metrics-dir", root / "metrics",
+    return run_stage("compare", "--params", params or outputs.params, "--metrics-dir", metrics_dir or root / "metrics",
                      "--runs-dir", root / "runs", "--history-dir", root / "history", "--eval-dir", root / "eval",
                      "--out-dir", out_dir, env=outputs.env())
 
@@ -45,4 +46,15 @@ def test_a_model_in_params_without_outputs_is_one_line(outputs: Outputs, tmp_pat
     params.write_text(yaml.safe_dump(raw))
     line = last_line(compare(outputs, tmp_path / "reports", params))
     assert "wide.json" in line and "rerun its evaluate stage" in line
+    assert not (tmp_path / "reports").exists()
+
+
+def test_nan_metrics_are_refused_by_file_and_key(outputs: Outputs, tmp_path: Path) -> None:
+    """NaN used to be reported as "nan" (json writes and reads it as a number); infinities: tests/test_evaluation.py."""
+    metrics = tmp_path / "metrics"
+    shutil.copytree(outputs.root / "metrics", metrics)
+    raw = json.loads((metrics / "fc.json").read_text())
+    (metrics / "fc.json").write_text(json.dumps({**raw, "val_acc_seed0": float("nan")}))
+    line = last_line(compare(outputs, tmp_path / "reports", metrics_dir=metrics))
+    assert "fc.json: 'val_acc_seed0' is nan, not a finite number; rerun its evaluate stage" in line
     assert not (tmp_path / "reports").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,14 @@ def test_per_class_and_confusion_files(outputs: Outputs) -> None:
     assert {row.rsplit(",", 1)[1] for row in rows[1:]} == {"0", "1"}
 
 
-def evaluate(outputs: Outputs, run_info: Path, tmp_path: Path, model: str = "cnn"):
+def evaluate(outputs: Outputs, run_info: Path, tmp_path: Path, model: str = "cnn", checkpoint: str | None = None,
+             env: dict[str, str] | None = None):
     out = tmp_path / "out"
     return run_stage("evaluate", "--params", outputs.params, "--model", model,
-                     "--checkpoint", outputs.root / "models" / f"{model}.pt", "--run-info", run_info,
+                     "--checkpoint", outputs.root / "models" / f"{checkpoint or model}.pt", "--run-info", run_info,
                      "--train", outputs.data / "train.npz", "--val", outputs.data / "val.npz",
                      "--metrics", out / "m.json", "--per-class", out / "pc.json", "--confusion", out / "c.csv",
-                     env=outputs.env())
+                     env=env or outputs.env())
 
 
 def test_a_run_of_another_experiment_is_refused_and_untouched(outputs: Outputs, tmp_path: Path) -> None:
@@ -75,3 +77,23 @@ def test_a_malformed_record_is_one_line_and_leaves_the_run_finished(outputs: Out
 def test_the_fc_run_is_refused_for_the_cnn(outputs: Outputs, tmp_path: Path) -> None:
     line = last_line(evaluate(outputs, outputs.root / "runs" / "fc.json", tmp_path))
     assert "run of model 'fc'" in line and "not the cnn run" in line
+
+
+def metric_counts(client: MlflowClient, info: dict) -> dict[tuple[str, str], int]:
+    """How many values each metric of a model's parent and seed runs holds."""
+    run_ids = [info["run_id"], *info["seed_runs"].values()]
+    return {(r, key): len(client.get_metric_history(r, key)) for r in run_ids for key in client.get_run(r).data.metrics}
+
+
+def test_the_cnn_checkpoint_is_refused_as_fc_before_anything_is_logged(outputs: Outputs, tmp_path: Path) -> None:
+    shutil.copy(outputs.root / "mlflow.db", tmp_path / "mlflow.db")  # a store of its own: the fc runs stay clean
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, info = MlflowClient(uri), json.loads((outputs.root / "runs" / "fc.json").read_text())
+    before = metric_counts(client, info)
+    done = evaluate(outputs, outputs.root / "runs" / "fc.json", tmp_path, "fc", checkpoint="cnn",
+                    env={**outputs.env(), "MLFLOW_TRACKING_URI": uri})
+    line = last_line(done)
+    assert "cnn.pt holds a model with arch=cnn" in line and "params.yaml's models.fc says arch=fc" in line
+    assert "train@fc" in line
+    assert metric_counts(client, info) == before
+    assert not (tmp_path / "out").exists()

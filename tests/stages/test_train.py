@@ -18,6 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar3study.data.dataset import read_split
+from cifar3study.params import load_params, model_params
 from cifar3study.training.checkpoint import load_checkpoint
 from cifar3study.training.history import read_history
 from cifar3study.training.models import normalize
@@ -70,7 +71,7 @@ def test_each_seed_is_a_nested_run_with_its_own_curves(outputs: Outputs) -> None
 
 
 def test_each_logged_model_gives_its_checkpoint_logits(outputs: Outputs) -> None:
-    models, meta = load_checkpoint(outputs.root / "models" / "cnn.pt")
+    models, meta = load_checkpoint(outputs.root / "models" / "cnn.pt", model_params(load_params(outputs.params), "cnn"))
     x = normalize(read_split(outputs.data / "val.npz").images[:5], meta.stats, torch.device("cpu"))
     mlflow.set_tracking_uri(outputs.uri)
     try:

@@ -1,0 +1,160 @@
+"""The judgement of a rerun against its record: bitwise, equivalent or differs, and which difference explains it.
+
+- bitwise: every seed's final weights digest equals the recorded one;
+- equivalent: not bitwise, but every seed's train and val accuracy is within
+  `tolerance` of its record, the rerun's group means lie inside the recorded
+  95% intervals, and (n >= 2 seeds) a paired TOST shows the val accuracy
+  equal within `margin` at level `alpha`; with one seed there is no interval
+  and no test, and the verdict says "n too small";
+- differs: anything else, naming the seeds and metrics and by how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+from scipy import stats
+
+from cifar3study.operations.record import UNKNOWN, Environment, RunRecord
+
+METRICS = ("train_acc", "val_acc")
+ALPHA = 0.05
+# What each environment field is called in a verdict; all of them change floating-point results.
+FIELD_NAMES = {"device_type": "device type", "device": "device", "cpu_capability": "CPU capability",
+               "torch": "torch version", "numpy": "numpy version", "onednn": "oneDNN version", "cuda": "CUDA version",
+               "cudnn": "cuDNN version", "threads": "thread count", "deterministic": "train.deterministic",
+               "channels_last": "train.channels_last", "tf32": "train.tf32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedComparison:
+    seed: int
+    weights_equal: bool
+    original: dict[str, float | None]
+    rerun: dict[str, float | None]
+
+    def delta(self, metric: str) -> float | None:
+        a, b = self.original.get(metric), self.rerun.get(metric)
+        return None if a is None or b is None else b - a
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    word: str  # bitwise | equivalent | differs
+    line: str  # the one line printed last
+    reasons: list[str]  # environment differences that explain a non-bitwise rerun
+    seeds: list[SeedComparison]
+    checks: list[str]  # each statistical check and its outcome, for the report
+
+
+def env_differences(original: Environment, rerun: Environment) -> list[str]:
+    """`thread count 2 → 1`, ...: every numerics-relevant field that differs, and a deterministic setting that is off."""
+    out = []
+    for field in dataclasses.fields(Environment):
+        a, b = getattr(original, field.name), getattr(rerun, field.name)
+        if field.name == "device" and original.device_type == rerun.device_type and "threads" in a:
+            continue  # a CPU's name carries its thread count, reported on its own
+        if a != b:
+            out.append(f"{FIELD_NAMES[field.name]} {a} → {b}")
+    if "False" in (original.deterministic, rerun.deterministic):
+        out.append("deterministic off (train.deterministic: false)")
+    return out
+
+
+def tost_p(diffs: list[float], margin: float) -> float:
+    """p value of a paired two one-sided t-test that the mean difference lies within ±margin."""
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if abs(mean) < margin else 1.0
+    se, df = sd / math.sqrt(len(diffs)), len(diffs) - 1
+    lower = float(stats.t.sf((mean + margin) / se, df))
+    upper = float(stats.t.cdf((mean - margin) / se, df))
+    return max(lower, upper)
+
+
+def compare_seeds(original: RunRecord, rerun: RunRecord) -> list[SeedComparison]:
+    out = []
+    for seed, rec in sorted(original.seeds.items()):
+        new = rerun.seeds.get(seed)
+        equal = new is not None and rec.weights != UNKNOWN and rec.weights == new.weights
+        out.append(SeedComparison(seed, equal, {m: getattr(rec, m) for m in METRICS},
+                                  {m: getattr(new, m) if new else None for m in METRICS}))
+    return out
+
+
+def _statistical_checks(seeds: list[SeedComparison], original: RunRecord, tolerance: float, margin: float) \
+        -> tuple[list[str], list[str]]:
+    """(failures, every check with its outcome) of a rerun that is not bitwise."""
+    failures, checks = [], []
+    for s in seeds:
+        for metric in METRICS:
+            delta = s.delta(metric)
+            if delta is None:
+                failures.append(f"seed {s.seed} has no {metric}")
+            elif abs(delta) > tolerance:
+                failures.append(f"seed {s.seed} {metric} {s.rerun[metric]:.4f} vs {s.original[metric]:.4f} "
+                                f"({delta:+.4f}, tolerance ±{tolerance})")
+    checks.append(f"per-seed tolerance ±{tolerance}: " + ("failed" if failures else "every seed within"))
+    values = {m: [s.rerun[m] for s in seeds if s.rerun[m] is not None] for m in METRICS}
+    for metric in METRICS:
+        ci = original.ci95.get(metric)
+        if ci is None or not values[metric]:
+            checks.append(f"{metric} mean inside the recorded 95% interval: n too small (no interval recorded)")
+            continue
+        mean = statistics.fmean(values[metric])
+        inside = ci[0] <= mean <= ci[1]
+        checks.append(f"{metric} mean {mean:.4f} {'inside' if inside else 'outside'} recorded 95% CI "
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]")
+        if not inside:
+            failures.append(checks[-1])
+    diffs = [d for s in seeds if (d := s.delta("val_acc")) is not None]
+    if len(diffs) < 2:
+        checks.append(f"TOST on val_acc at ±{margin}: n too small ({len(diffs)} seed)")
+    else:
+        p = tost_p(diffs, margin)
+        checks.append(f"TOST on val_acc at ±{margin}: p = {p:.3g} ({'equivalent' if p < ALPHA else 'not shown'} "
+                      f"at α = {ALPHA}, n = {len(diffs)})")
+        if p >= ALPHA:
+            failures.append(checks[-1])
+    return failures, checks
+
+
+def judge(original: RunRecord, rerun: RunRecord, tolerance: float, margin: float) -> Verdict:
+    """Bitwise, equivalent or differs, with the environment differences that explain a non-bitwise rerun."""
+    seeds = compare_seeds(original, rerun)
+    what = f"{original.name} ({original.run_id[:8]})"
+    if all(s.weights_equal for s in seeds):
+        return Verdict("bitwise", f"bitwise: {what} reproduced bit for bit: all {len(seeds)} seeds' weights equal",
+                       [], seeds, [])
+    reasons = env_differences(original.env, rerun.env)
+    unequal = [str(s.seed) for s in seeds if not s.weights_equal]
+    why = f"explained by {'; '.join(reasons)}" if reasons else "no recorded environment difference explains it"
+    if any(original.seeds[int(s)].weights == UNKNOWN for s in unequal):
+        why = "the record has no weights digest (a run older than reproducible records)"
+    failures, checks = _statistical_checks(seeds, original, tolerance, margin)
+    head = f"not bitwise (seeds {', '.join(unequal)}; {why})"
+    if failures:
+        return Verdict("differs", f"differs: {what} {head}: {'; '.join(failures)}", reasons, seeds, checks)
+    return Verdict("equivalent", f"equivalent: {what} {head}; {'; '.join(checks)}", reasons, seeds, checks)
+
+
+def _value(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def markdown(original: RunRecord, rerun: RunRecord, verdict: Verdict, setup: dict[str, str]) -> str:
+    """The report `reports/reproductions/<run>.md`: verdict, seeds, checks, both environments side by side."""
+    lines = [f"# Reproduction of {original.name} (run {original.run_id})", "", f"**{verdict.line}**", "",
+             *[f"- {key}: {value}" for key, value in setup.items()], "",
+             "| seed | weights equal | train_acc (record) | train_acc (rerun) | val_acc (record) | val_acc (rerun) |",
+             "|---:|:-:|---:|---:|---:|---:|"]
+    lines += [f"| {s.seed} | {'yes' if s.weights_equal else 'no'} | {_value(s.original['train_acc'])} | "
+              f"{_value(s.rerun['train_acc'])} | {_value(s.original['val_acc'])} | {_value(s.rerun['val_acc'])} |"
+              for s in verdict.seeds]
+    lines += ["", *[f"- {check}" for check in verdict.checks], "", "| environment | record | rerun |", "|---|---|---|"]
+    lines += [f"| {FIELD_NAMES[f.name]} | {getattr(original.env, f.name)} | {getattr(rerun.env, f.name)} |"
+              for f in dataclasses.fields(Environment)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""`reproduce`: a recorded run rerun from its record in a scratch copy and judged (real git, DVC and MLflow).
+
+One committed project copy and one trained cnn run (1 epoch, seeds 0 and 1,
+tiny data) serve every test, because each rerun costs a `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.e2e.conftest import ENV, sh
+from tests.helpers import archive_files, last_line, write_archive
+
+
+def reproduce(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar3study.operations.reproduce", *args], cwd=repo,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=900)
+
+
+def client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def parent_run(repo: Path, model: str = "cnn") -> str:
+    return json.loads((repo / "data" / "runs" / f"{model}.json").read_text())["run_id"]
+
+
+def snapshot(repo: Path, run_id: str) -> list:
+    """Everything a run and its seed runs hold: a reproduction must leave it as it was."""
+    c = client(repo)
+    parent = c.get_run(run_id)
+    runs = [parent, *c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")]
+    return [(r.info.run_id, r.info.status, r.info.end_time, r.data.tags, r.data.params, r.data.metrics,
+             sorted(a.path for a in c.list_artifacts(r.info.run_id))) for r in runs]
+
+
+def reproductions(repo: Path, run_id: str) -> list:
+    c = client(repo)
+    return c.search_runs([e.experiment_id for e in c.search_experiments()], f"tags.reproduces = '{run_id}'")
+
+
+@pytest.fixture(scope="module")
+def trained(make_repo: Callable[..., Path]) -> tuple[Path, str]:
+    repo = make_repo(epochs=1, seeds=[0, 1])
+    sh(repo, "dvc", "repro", "evaluate@cnn")
+    return repo, parent_run(repo)
+
+
+def test_record_holds_code_as_dvc_hashed_it_and_each_seeds_weights(trained: tuple[Path, str], tmp_path: Path) -> None:
+    repo, run_id = trained
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train@cnn"]["deps"]
+    table = json.loads(Path(client(repo).download_artifacts(run_id, "code_files.json", str(tmp_path))).read_text())
+    assert table == {d["path"]: d["md5"] for d in lock if d["path"].endswith(".py")}
+    seeds = client(repo).search_runs([client(repo).get_run(run_id).info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert len({r.data.tags["weights.sha256"] for r in seeds}) == 2
+    tags = client(repo).get_run(run_id).data.tags
+    assert {"code.digest", "torch.threads", "onednn.version", "numpy.version", "cpu.capability"} <= set(tags)
+
+
+def test_same_box_is_bitwise_and_linked(trained: tuple[Path, str]) -> None:
+    repo, run_id = trained
+    before = snapshot(repo, run_id)
+    done = reproduce(repo, run_id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("bitwise: "), done.stdout
+    [linked] = reproductions(repo, run_id)
+    assert linked.data.tags["kind"] == "reproduction" and linked.data.tags["verdict"] == "bitwise"
+    assert linked.data.params["original.threads"] == linked.data.params["rerun.threads"]
+    report = (repo / "reports" / "reproductions" / f"{run_id}.md").read_text()
+    assert "bitwise" in report and "| thread count |" in report
+    assert snapshot(repo, run_id) == before
+
+
+def test_other_thread_count_is_not_bitwise_names_it_and_is_judged(trained: tuple[Path, str]) -> None:
+    repo, run_id = trained
+    threads = client(repo).get_run(run_id).data.tags["torch.threads"]
+    other = "1" if threads != "1" else "2"
+    done = reproduce(repo, run_id, "--threads", other)
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.split(":")[0] in ("equivalent", "differs"), line
+    assert done.returncode == (1 if line.startswith("differs") else 0), done.stderr[-2000:]
+    assert f"explained by thread count {threads} → {other}" in line
+    assert "tolerance ±0.01" in line or "95% CI" in line  # judged against the record's spread, saying how
+    verdicts = {r.data.tags["verdict"] for r in reproductions(repo, run_id)}
+    assert line.split(":")[0] in verdicts
+
+
+def test_dvc_experiment_is_reproduced_from_its_record(trained: tuple[Path, str]) -> None:
+    repo, _ = trained
+    sh(repo, "dvc", "exp", "run", "--temp", "-n", "fastlr", "-S", "train.lr=0.05", "evaluate@cnn")
+    run = client(repo).search_runs([e.experiment_id for e in client(repo).search_experiments()],
+                                   "tags.`dvc.exp_name` = 'fastlr' and tags.kind = 'model'")[0]
+    assert run.data.params["train.lr"] == "0.05" and "lr: 0.01" in (repo / "params.yaml").read_text()
+    done = reproduce(repo, "fastlr")
+    # Bitwise only if the rerun trained with the experiment's lr, not the workspace's 0.01.
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].startswith("bitwise: "), done.stderr[-3000:]
+    assert reproductions(repo, run.info.run_id)
+
+
+def test_unknown_run_is_refused(trained: tuple[Path, str]) -> None:
+    repo, run_id = trained
+    before = snapshot(repo, run_id), len(reproductions(repo, run_id))
+    line = last_line(reproduce(repo, "no-such-run"))
+    assert "no run 'no-such-run'" in line and "MLFLOW_TRACKING_URI" in line
+    assert (snapshot(repo, run_id), len(reproductions(repo, run_id))) == before
+
+
+def test_archive_with_another_md5_is_refused(trained: tuple[Path, str], tmp_path: Path) -> None:
+    repo, run_id = trained
+    other = tmp_path / "other.tar.gz"
+    md5 = write_archive(other, archive_files(n_per_class=5))
+    before = snapshot(repo, run_id), len(reproductions(repo, run_id))
+    done = reproduce(repo, run_id, env={"CIFAR10_URL": other.as_uri(), "CIFAR10_MD5": md5})
+    line = last_line(done)
+    assert f"gives MD5 {md5}" in line and "CIFAR10_URL" in line, line
+    assert (snapshot(repo, run_id), len(reproductions(repo, run_id))) == before
+
+
+def test_code_changed_since_the_run_is_refused(trained: tuple[Path, str]) -> None:
+    repo, _ = trained
+    models = repo / "cifar3study" / "training" / "models.py"
+    models.write_text(models.read_text() + "# an uncommitted change\n")
+    sh(repo, "dvc", "repro", "-s", "train@cnn")  # recorded on a dirty tree
+    sh(repo, "git", "checkout", "-q", "--", "cifar3study/training/models.py")
+    dirty = parent_run(repo)
+    before = snapshot(repo, dirty)
+    line = last_line(reproduce(repo, dirty))
+    assert "differs from its commit" in line and "cifar3study/training/models.py" in line, line
+    assert "uncommitted changes" in line
+    assert snapshot(repo, dirty) == before and not reproductions(repo, dirty)
+
+
+def test_run_whose_commit_is_not_in_this_repo_is_refused(trained: tuple[Path, str]) -> None:
+    repo, _ = trained
+    sh(repo, "git", "checkout", "-q", "-b", "gone")
+    (repo / "NOTE.txt").write_text("a commit that will be deleted\n")
+    sh(repo, "git", "add", "NOTE.txt")
+    sh(repo, "git", "commit", "-qm", "gone")
+    gone = sh(repo, "git", "rev-parse", "HEAD").strip()
+    sh(repo, "dvc", "repro", "-s", "-f", "train@cnn")
+    sh(repo, "git", "checkout", "-q", "-")
+    sh(repo, "git", "branch", "-qD", "gone")
+    sh(repo, "git", "reflog", "expire", "--expire-unreachable=now", "--all")
+    sh(repo, "git", "gc", "-q", "--prune=now")
+    run_id = parent_run(repo)
+    assert client(repo).get_run(run_id).data.tags["mlflow.source.git.commit"] == gone
+    before = snapshot(repo, run_id)
+    line = last_line(reproduce(repo, run_id))
+    assert f"commit '{gone}'" in line and "not in this repository" in line and "git fetch" in line, line
+    assert snapshot(repo, run_id) == before and not reproductions(repo, run_id)
