@@ -52,3 +52,12 @@ def file_md5(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_capped(path: Path, limit: int) -> bytes:
+    """The file's bytes, refused (ValueError) past `limit`: a hostile record must not cost memory before it is checked."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit:,} bytes")
+    return data

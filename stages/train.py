@@ -13,9 +13,8 @@ import torch
 
 from cifar3study.cli import run_stage
 from cifar3study.data.dataset import read_split, read_stats
-from cifar3study.operations import record
 from cifar3study.params import load_params, model_params
-from cifar3study.tracking import run_logging, store
+from cifar3study.tracking import record, run_logging, store
 from cifar3study.training import speedups
 from cifar3study.training.budget import check_budget
 from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint

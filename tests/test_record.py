@@ -8,8 +8,8 @@ import torch
 import yaml
 from dvc_data.hashfile.hash import file_md5 as dvc_file_md5
 
-from cifar3study.operations.record import UNKNOWN, code_digest, code_table, weights_digest
 from cifar3study.params import ModelParams
+from cifar3study.tracking.record import UNKNOWN, code_digest, code_table, weights_digest
 from cifar3study.training.models import build_model
 from tests.helpers import ROOT
 

@@ -30,9 +30,9 @@ from cifar3study.cli import run_stage
 from cifar3study.errors import StageError, quote
 from cifar3study.files import write_text_atomic
 from cifar3study.operations import scratch
-from cifar3study.operations.record import UNKNOWN, Environment, RunRecord, download_params, read_record
 from cifar3study.operations.verdict import Verdict, judge, markdown
 from cifar3study.tracking import store
+from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord, download_params, read_record
 from cifar3study.training.device import is_available
 
 log = logging.getLogger("reproduce")
@@ -135,6 +135,9 @@ def reproduce(args: argparse.Namespace, root: Path, work: Path) -> tuple[RunReco
     if uri.startswith(("http://", "https://")):
         for name, value in store.HTTP_RETRIES.items():
             os.environ.setdefault(name, value)  # MLflow reads them from the environment
+        # Only small files are read (params.yaml, code_files.json): through the server, whatever store is behind
+        # it, rather than from presigned URLs, which some S3 servers (moto) refuse to a signed-in user.
+        os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     client = MlflowClient(tracking_uri=uri)
     original = read_record(client, find_run(client, args.run, args.model, uri), work / "original")
     check_record(original)

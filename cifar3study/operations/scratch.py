@@ -21,8 +21,9 @@ import yaml
 
 from cifar3study.data.dataset import read_split
 from cifar3study.errors import StageError, one_line, quote
-from cifar3study.operations.record import UNKNOWN, RunRecord, code_digest, code_table
+from cifar3study.files import file_md5
 from cifar3study.params import archive_source, load_params
+from cifar3study.tracking.record import UNKNOWN, RunRecord, code_digest, code_table
 
 log = logging.getLogger("reproduce")
 # Set by whoever launched the original run; the rerun must not inherit them from this shell.
@@ -126,14 +127,55 @@ def _last_line(done: subprocess.CompletedProcess) -> str:
     return one_line(lines[-1] if lines else f"exit status {done.returncode}", 240)
 
 
+def archive_path(src: Path) -> Path:
+    """Where the download stage of the copy's dvc.yaml puts the archive."""
+    outs = yaml.safe_load((src / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["download"]["outs"]
+    return src / next(iter(outs[0])) if isinstance(outs[0], dict) else src / outs[0]
+
+
+def _has_archive(src: Path, record: RunRecord) -> bool:
+    archive = archive_path(src)
+    return archive.is_file() and file_md5(archive) == record.archive_md5
+
+
+def pull_archive(src: Path, record: RunRecord, env: Mapping[str, str]) -> bool:
+    """The run's archive from the DVC remote by its recorded MD5 (DVC stores files by MD5), then locked as downloaded.
+
+    For a commit whose dvc.lock lacks it or names another archive: its
+    download stage is committed with the pulled file, so no repro downloads it.
+    """
+    pointer = src / "recorded-archive.dvc"
+    pointer.write_text(yaml.safe_dump({"outs": [{"md5": record.archive_md5, "hash": "md5", "path": "recorded-archive"}]}),
+                       encoding="utf-8")
+    pulled = dvc(src, env, "pull", pointer.name)
+    pointer.unlink()
+    if pulled.returncode != 0:
+        log.warning("the archive with MD5 %s is not on the DVC remote (%s)", record.archive_md5, _last_line(pulled))
+        return False
+    archive = archive_path(src)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src / "recorded-archive", archive)
+    done = dvc(src, env, "commit", "--force", "download")
+    if done.returncode != 0:
+        raise StageError(f"cannot record the pulled archive in {src} ({_last_line(done)}); rerun with --scratch DIR "
+                         "and look there")
+    return True
+
+
 def fetch_data(src: Path, record: RunRecord, env: Mapping[str, str]) -> None:
-    """The CIFAR-3 split from the DVC remote when one is configured, else rebuilt from the archive; MD5 checked."""
-    pulled = None
+    """The CIFAR-3 split from the DVC remote when one is configured, else rebuilt from the archive; MD5 checked.
+
+    The run's commit may predate the dvc.lock that names its data (a run is
+    recorded before its results are committed): then the archive is pulled by
+    its recorded MD5 and the split rebuilt from it.
+    """
     if dvc(src, env, "remote", "list").stdout.strip():
         pulled = dvc(src, env, "pull", "--with-deps", "stats")
         if pulled.returncode != 0:
-            log.warning("dvc pull failed (%s); building the data from the archive instead", _last_line(pulled))
-    if pulled is None or pulled.returncode != 0:
+            log.warning("dvc pull failed (%s)", _last_line(pulled))
+        if not _has_archive(src, record) and not pull_archive(src, record, env):
+            log.warning("building the data from the archive source instead")
+    if not _has_archive(src, record):
         check_archive_source(src, record, env)
     built = dvc(src, env, "repro", "stats")
     if built.returncode != 0:

@@ -4,7 +4,8 @@ A trial needs only the Git remote, the DVC cache or remote and the tracking
 store, so it runs the same on this box and on another one. Its experiment is
 pushed to the Git remote only after `dvc exp run` succeeded, so an experiment
 ref there means "finished": every attempt checks that first, and a retry
-after a killed worker ends the runs the dead attempt left RUNNING.
+after a killed worker ends KILLED the runs the dead attempt left (RUNNING or
+FINISHED), so a trial keeps one FINISHED set of runs.
 """
 
 from __future__ import annotations
@@ -124,18 +125,24 @@ def fetch_exp(repo: Path, remote: str, base: str, name: str) -> None:
 
 
 def close_leftover_runs(env: dict[str, str], experiment: str, key: str) -> list[str]:
-    """End KILLED the runs of this trial that an attempt whose worker died left RUNNING; their ids."""
+    """End KILLED the runs of this trial that a dead attempt left, RUNNING or FINISHED; their ids.
+
+    An attempt killed between its two models leaves one model's runs FINISHED; the retry trains both again,
+    so those would be a second FINISHED set. The trial's experiment is not in the Git remote (checked
+    before), so no run of it belongs to a finished trial.
+    """
     from mlflow import MlflowClient  # only trials need it; the driver's no-op rerun stays fast
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    running = client.search_runs([found.experiment_id], f"tags.trial = '{key}' and attributes.status = 'RUNNING'")
-    for leftover in running:
-        client.set_tag(leftover.info.run_id, "ended_by", "closed as KILLED: a retry of its trial started")
-        client.set_terminated(leftover.info.run_id, "KILLED")
-    return [r.info.run_id for r in running]
+    leftovers = [r for r in client.search_runs([found.experiment_id], f"tags.trial = '{key}'", max_results=1000)
+                 if r.info.status in ("RUNNING", "FINISHED")]
+    for leftover in leftovers:
+        client.set_tag(leftover.info.run_id, "ended_by", "closed as KILLED: its attempt died; a retry of its trial started")
+        client.set_terminated(leftover.info.run_id, "KILLED", end_time=leftover.info.end_time)
+    return [r.info.run_id for r in leftovers]
 
 
 def trial_env(spec: TrialSpec) -> dict[str, str]:
@@ -194,7 +201,7 @@ def _attempt(spec: TrialSpec, repo: Path) -> TrialOutcome:
         return TrialOutcome(trial.key, trial.name, recorded_metrics(repo, recorded, trial.models), skipped=True)
     _share_data(spec, repo, env)
     if closed := close_leftover_runs(env, spec.experiment, trial.key):
-        log.warning("%s: closed %d runs a dead attempt left RUNNING", trial.name, len(closed))
+        log.warning("%s: closed %d runs a dead attempt left", trial.name, len(closed))
     cmd = ["dvc", "exp", "run", "-n", trial.name, *trial.set_args(), *([] if spec.cache_dir else ["--pull"])]
     run(cmd, repo, env, what="dvc exp run")
     from cifar3study.reporting.evaluation import read_metrics

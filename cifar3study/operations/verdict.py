@@ -17,7 +17,7 @@ import statistics
 
 from scipy import stats
 
-from cifar3study.operations.record import UNKNOWN, Environment, RunRecord
+from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord
 
 METRICS = ("train_acc", "val_acc")
 ALPHA = 0.05

@@ -19,7 +19,7 @@ from scipy import stats
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from cifar3study.errors import StageError, one_line, quote
-from cifar3study.files import write_json_atomic, write_text_atomic
+from cifar3study.files import read_capped, write_json_atomic, write_text_atomic
 
 SPREAD_KEYS = ("train_acc", "val_acc", "gap", "val_macro_f1")
 SPEED_KEYS = ("seconds_per_epoch", "group_seconds_per_epoch", "images_per_second")
@@ -127,11 +127,7 @@ def _finite_numbers(path: Path, raw: object) -> dict:
 
 def read_metrics(path: Path) -> ModelMetrics:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_METRICS_BYTES + 1)
-        if len(data) > MAX_METRICS_BYTES:
-            raise ValueError(f"more than {MAX_METRICS_BYTES:,} bytes")
-        raw = _finite_numbers(path, json.loads(data.decode("utf-8")))
+        raw = _finite_numbers(path, json.loads(read_capped(path, MAX_METRICS_BYTES).decode("utf-8")))
         return ModelMetrics(int(raw["params"]), **{k: _spread_from(raw, k) for k in SPREAD_KEYS},
                             **{k: float(raw[k]) for k in SPEED_KEYS})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:

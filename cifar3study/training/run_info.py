@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from cifar3study.errors import StageError, one_line, quote
-from cifar3study.files import write_json_atomic
+from cifar3study.files import read_capped, write_json_atomic
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MAX_RECORD_BYTES = 64 << 10  # a real record is under 4 KiB even with a hundred seeds; a bigger file is not read at all
@@ -53,12 +53,14 @@ def _run_id(path: Path, value: object, what: str) -> str:
 def read_run_info(path: Path) -> RunInfo:
     """The record, every field checked for presence and type before anyone uses it."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES + 1)
-        if len(data) > MAX_RECORD_BYTES:
-            raise StageError(f"{path} is more than {MAX_RECORD_BYTES:,} bytes, not a run-info record; rerun its train stage")
+        data = read_capped(path, MAX_RECORD_BYTES)
+    except ValueError as err:
+        raise StageError(f"{path} is {err}, not a run-info record; rerun its train stage") from err
+    except OSError as err:
+        raise StageError(f"cannot read {path} ({one_line(err, 160)}); rerun its train stage") from err
+    try:
         raw = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise StageError(f"cannot read {path} ({one_line(err, 160)}); rerun its train stage") from err
     if not isinstance(raw, dict):
         raise StageError(f"{path} is not a run-info record; rerun its train stage")
