@@ -5,5 +5,5 @@ data/         CIFAR-10 in, CIFAR-3 out: download, archive checks, safe unpicklin
 training/     models, speed tricks, device and numerics, the seed-group trainer, what training writes
 tracking/     MLflow: the store and its runs, provenance, what each stage logs
 reporting/    metrics files, the comparison, figures, the offline plots page
-operations/   beyond one `dvc repro`: benchmark, team stack
+operations/   beyond one `dvc repro`: benchmark, op audit, team stack, reproducing a run, studies on Ray
 """

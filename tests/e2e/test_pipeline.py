@@ -77,7 +77,7 @@ def stale(repo: Path) -> set[str]:
 
 
 def test_editing_figure_code_reruns_no_training(repo: Path, first_repro: str) -> None:
-    figures = repo / "cifar3study" / "figures.py"
+    figures = repo / "cifar3study" / "reporting" / "figures.py"
     original = figures.read_text()
     figures.write_text(original.replace('ylabel="validation accuracy"', 'ylabel="val. accuracy"'))
     try:

@@ -1,0 +1,269 @@
+"""A study on a 2-node Ray cluster on loopback against the team stack, with a worker node killed mid-trial.
+
+Two `ray start` nodes (1 CPU each, own temp folders, own sessions) form the cluster; trials clone a bare Git
+remote, pull from the stack's S3 DVC remote, log to its MLflow server and push their experiments back. The
+study's 3 trials take both nodes at once, so two trials push at about the same moment. While node 2 trains
+one, every process of node 2 is SIGKILLed (a box going down); Ray reruns that trial and node 2 is started
+again. Later, with one trial in the Git remote and another training, the driver is SIGKILLed and started
+again: it skips the finished trial. The tests share that one study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from cifar3study.operations import team_postgres
+from cifar3study.operations.processes import HOST, free_port
+from cifar3study.operations.trial import exp_ref
+from tests.e2e.conftest import ENV, sh
+
+pytestmark = pytest.mark.skipif(not (team_postgres.POSTGRES_BIN / "pg_ctl").is_file(), reason="needs PostgreSQL 15")
+
+STUDY = {"name": "c3", "grid": {"train.lr": [0.005, 0.01, 0.02]}, "resources": {"cpus": 1}}
+MODELS = ("fc", "cnn")
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@dataclasses.dataclass
+class Node:
+    """One `ray start` in a session of its own: its process group holds every process of the node."""
+
+    temp_dir: Path
+    pgid: int
+    killed: bool = False  # once dead, its group id may be reused by a stranger: never kill it again
+
+    def processes(self) -> list[psutil.Process]:
+        """The node's processes and all they started (a trial's `dvc` runs in a session of its own)."""
+        found: dict[int, psutil.Process] = {}
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == self.pgid or str(self.temp_dir) in " ".join(process.cmdline()):
+                    found[process.pid] = process
+                    found.update((child.pid, child) for child in process.children(recursive=True))
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return list(found.values())
+
+    def kill(self) -> None:
+        if self.killed:
+            return
+        self.killed = True
+        for _ in range(3):  # a process may start another while we kill
+            for process in self.processes():
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            time.sleep(0.5)
+
+
+@dataclasses.dataclass
+class Cluster:
+    repo: Path
+    remote: Path  # the bare Git remote, origin of the repo
+    env: dict[str, str]  # the driver's: the stack's exports, Ray's token
+    address: str
+    nodes: list[Node]
+
+    def start_node(self, head: bool) -> Node:
+        temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+        ports = ["--dashboard-agent-listen-port", str(free_port())]
+        role = (["--head", "--port", self.address.rsplit(":", 1)[1], "--include-dashboard=false"] if head
+                else ["--address", self.address])
+        cmd = [RAY, "start", *role, "--node-ip-address", HOST, "--num-cpus", "1", "--object-store-memory",
+               str(100 * 1024**2), "--temp-dir", str(temp_dir), "--disable-usage-stats", *ports]
+        process = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        node = Node(temp_dir, process.pid)
+        self.nodes.append(node)
+        output = process.communicate(timeout=180)[0]
+        assert process.returncode == 0, output[-3000:]
+        return node
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+
+    def runs(self, filter_string: str = "") -> list:
+        experiment = self.client().get_experiment_by_name("cifar3")
+        return self.client().search_runs([experiment.experiment_id], filter_string, max_results=1000)
+
+    def study(self) -> subprocess.Popen:
+        path = self.repo.parent / "c3.yaml"
+        path.write_text(yaml.safe_dump(STUDY), encoding="utf-8")
+        cmd = [sys.executable, "-m", "cifar3study.operations.study", str(path), "--address", self.address]
+        return subprocess.Popen(cmd, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    def exps(self) -> dict[str, str]:
+        """{experiment name: commit} in the Git remote."""
+        listed = sh(self.repo, "git", "ls-remote", str(self.remote), "refs/exps/*")
+        return {ref.rsplit("/", 1)[1]: sha for sha, ref in (line.split("\t") for line in listed.splitlines())}
+
+
+def stack(repo: Path, *args: str) -> str:
+    return sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", *args)
+
+
+@pytest.fixture(scope="module")
+def cluster(make_repo: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    repo = make_repo(epochs=1, seeds=[0])
+    remote = tmp_path_factory.mktemp("git") / "remote.git"
+    sh(repo, "git", "init", "-q", "--bare", str(remote))
+    sh(repo, "git", "remote", "add", "origin", str(remote))
+    sh(repo, "git", "push", "-q", "origin", "HEAD:refs/heads/main")
+    folder = tmp_path_factory.mktemp("team") / "stack"
+    exports = stack(repo, "up", "--dir", str(folder))
+    env = {**ENV, **dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines()),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = Cluster(repo, remote, env, f"{HOST}:{free_port()}", [])
+    try:
+        cluster.start_node(head=True)
+        cluster.start_node(head=False)
+        yield cluster
+    finally:
+        for node in cluster.nodes:
+            node.kill()
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+        stack(repo, "down", "--dir", str(folder))
+
+
+def running_trial(node: Node) -> str | None:
+    """The trial name of the `dvc exp run -n NAME` going on in `node`, if any."""
+    for process in node.processes():
+        try:
+            line = process.cmdline()
+        except psutil.Error:
+            continue
+        found = [i for i in range(2, len(line) - 1) if line[i - 2:i + 1] == ["exp", "run", "-n"]]
+        if found:
+            return line[found[0] + 1]
+    return None
+
+
+def kill_mid_trial(cluster: Cluster, study: subprocess.Popen) -> str:
+    """Kill node 2 once its trial has one model's run FINISHED and the other's RUNNING; that trial's key.
+
+    The hard moment: half the trial's runs look done, yet its experiment never reaches the Git remote."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and study.poll() is None:
+        name = running_trial(cluster.nodes[1])
+        key = name and name.removeprefix(f"{STUDY['name']}-")
+        done = key and cluster.runs(f"tags.trial = '{key}' and tags.kind = 'model' and attributes.status = 'FINISHED'")
+        if done and cluster.runs(f"tags.trial = '{key}' and attributes.status = 'RUNNING'"):
+            cluster.nodes[1].kill()
+            return key
+        time.sleep(0.5)
+    raise AssertionError(f"node 2 never trained a trial; study: {study.communicate()[1][-3000:]}")
+
+
+def kill_driver_mid_study(cluster: Cluster, study: subprocess.Popen) -> None:
+    """SIGKILL the driver once a trial is in the Git remote and another one's runs are RUNNING."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and study.poll() is None:
+        if 0 < len(cluster.exps()) < 3 and cluster.runs("attributes.status = 'RUNNING'"):
+            os.killpg(study.pid, signal.SIGKILL)
+            study.wait()
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the study ended before its driver could be killed: {study.communicate()[1][-3000:]}")
+
+
+@dataclasses.dataclass
+class StudyRun:
+    killed_trial: str  # the key of the trial node 2 was training when it died
+    restarted: subprocess.CompletedProcess  # the driver started again after its SIGKILL
+    seconds: float  # from the first start to the restarted driver's end
+
+
+@pytest.fixture(scope="module")
+def finished_study(cluster: Cluster) -> StudyRun:
+    """The study with node 2 killed mid-trial (then started again), its driver killed later and started again."""
+    started = time.monotonic()
+    study = cluster.study()
+    try:
+        killed = kill_mid_trial(cluster, study)
+        cluster.start_node(head=False)  # room for the retry beside the head's trial
+        kill_driver_mid_study(cluster, study)
+        study = cluster.study()
+        out, err = study.communicate(timeout=1500)
+    finally:
+        if study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+    return StudyRun(killed, subprocess.CompletedProcess(study.args, study.returncode, out, err),
+                    time.monotonic() - started)
+
+
+def test_every_trial_finishes_once_though_a_node_and_the_driver_died(cluster: Cluster, finished_study: StudyRun
+                                                                     ) -> None:
+    done = finished_study.restarted
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"3 trials, [12] already finished, [12] to run", done.stderr), done.stderr[-3000:]
+    parents = cluster.runs("tags.study = 'c3' and tags.kind = 'model'")
+    finished = [r for r in parents if r.info.status == "FINISHED"]
+    keys = {r.data.tags["trial"] for r in finished}
+    assert len(keys) == 3 and finished_study.killed_trial in keys
+    assert sorted((r.data.tags["trial"], r.data.tags["model"]) for r in finished) == sorted(
+        (key, model) for key in keys for model in MODELS)
+    assert not cluster.runs("attributes.status = 'RUNNING'")
+    # The dead attempt's runs were closed KILLED, not left RUNNING or counted as finished.
+    assert {r.info.status for r in cluster.runs(f"tags.trial = '{finished_study.killed_trial}'")} == {
+        "FINISHED", "KILLED"}
+    print(f"3-trial study on 2 nodes, a node and the driver killed: {finished_study.seconds:.0f} s")
+
+
+def test_every_experiment_landed_in_the_git_remote(cluster: Cluster,
+                                                   finished_study: StudyRun
+                                                   ) -> None:
+    keys = {r.data.tags["trial"] for r in cluster.runs("tags.study = 'c3' and tags.kind = 'comparison'")}
+    base = sh(cluster.repo, "git", "rev-parse", "HEAD").strip()
+    listed = sh(cluster.repo, "git", "ls-remote", str(cluster.remote), "refs/exps/*")
+    assert sorted(ref for _, ref in (line.split("\t") for line in listed.splitlines())) == sorted(
+        exp_ref(base, f"c3-{key}") for key in keys)
+
+
+def test_a_rerun_of_the_finished_study_skips_every_trial(
+        cluster: Cluster, finished_study: StudyRun) -> None:
+    before = len(cluster.runs())
+    started = time.monotonic()
+    again = cluster.study()
+    err = again.communicate(timeout=300)[1]
+    assert again.returncode == 0, err[-3000:]
+    assert "all 3 trials already finished" in err and "Ray" not in err
+    assert len(cluster.runs()) == before
+    print(f"rerun of the finished study on the cluster: {time.monotonic() - started:.1f} s")
+
+
+def test_a_fresh_clone_pulls_every_experiment_and_applies_one(
+        cluster: Cluster, finished_study: StudyRun,
+        tmp_path: Path) -> None:
+    exps = cluster.exps()
+    fresh = tmp_path / "fresh"
+    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(cluster.remote), str(fresh))
+    config = (cluster.repo / ".dvc" / "config.local").read_text()  # the team's DVC remote, as a newcomer sets it
+    (fresh / ".dvc" / "config.local").write_text(config)
+    sh(fresh, "dvc", "exp", "pull", "-q", "origin", *exps)
+    listed = sh(fresh, "dvc", "exp", "list", "--name-only")
+    assert set(listed.split()) == set(exps)
+    name, commit = sorted(exps.items())[0]
+    sh(fresh, "dvc", "exp", "apply", name)
+    sh(fresh, "dvc", "pull", "-q")
+    assert "up to date" in sh(fresh, "dvc", "status")  # every output is the one the trial's run produced
+    for model in MODELS:
+        metrics = f"data/metrics/{model}.json"
+        assert (fresh / metrics).read_text() == sh(fresh, "git", "show", f"{commit}:{metrics}")
