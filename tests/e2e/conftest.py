@@ -42,13 +42,20 @@ def copy_project(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def archive_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(url, md5) of a tiny synthetic archive served on 127.0.0.1 for the module's tests."""
+def archive_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FileServer, str]]:
+    """(server, md5) of a tiny synthetic archive served on 127.0.0.1 for the module's tests."""
     archive = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
     md5 = write_archive(archive, archive_files(n_per_class=8))
     with serving(FileServer()) as server:
         server.files["/cifar-10-python.tar.gz"] = archive.read_bytes()
-        yield server.url("cifar-10-python.tar.gz"), md5
+        yield server, md5
+
+
+@pytest.fixture(scope="module")
+def archive_server(archive_mirror: tuple[FileServer, str]) -> tuple[str, str]:
+    """(url, md5) of the module's archive."""
+    server, md5 = archive_mirror
+    return server.url("cifar-10-python.tar.gz"), md5
 
 
 @pytest.fixture(scope="module")

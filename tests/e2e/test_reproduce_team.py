@@ -19,27 +19,10 @@ from mlflow import MlflowClient
 
 from cifar3study.operations import team_postgres, team_stack
 from tests.e2e.conftest import ENV, sh
-from tests.helpers import FileServer, archive_files, serving, write_archive
+from tests.helpers import FileServer
 
 RAW = "data/raw/cifar-10-python.tar.gz"
 pytestmark = pytest.mark.skipif(not (team_postgres.POSTGRES_BIN / "pg_ctl").is_file(), reason="needs PostgreSQL 15")
-
-
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FileServer, str]]:
-    """This module's archive server, which the test empties once the original run has downloaded from it."""
-    archive = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, archive_files(n_per_class=8))
-    with serving(FileServer()) as server:
-        server.files["/cifar-10-python.tar.gz"] = archive.read_bytes()
-        yield server, md5
-
-
-@pytest.fixture(scope="module")
-def archive_server(mirror: tuple[FileServer, str]) -> tuple[str, str]:
-    """Overrides conftest's, so make_repo's params point at `mirror`."""
-    server, md5 = mirror
-    return server.url("cifar-10-python.tar.gz"), md5
 
 
 @pytest.fixture
@@ -86,7 +69,7 @@ def teammate_clone(bare: Path, stack: team_stack.Stack, tmp_path: Path) -> Path:
 
 
 def test_run_on_the_server_is_reproduced_bitwise_from_a_fresh_clone(
-        stack: tuple[Path, team_stack.Stack, dict[str, str]], mirror: tuple[FileServer, str], tmp_path: Path) -> None:
+        stack: tuple[Path, team_stack.Stack, dict[str, str]], archive_mirror: tuple[FileServer, str], tmp_path: Path) -> None:
     repo, team, exported = stack
     sh(repo, "dvc", "repro", "evaluate@cnn", env=exported)
     run_id = json.loads((repo / "data" / "runs" / "cnn.json").read_text())["run_id"]
@@ -94,7 +77,7 @@ def test_run_on_the_server_is_reproduced_bitwise_from_a_fresh_clone(
     sh(repo, "git", "commit", "-qm", "results")
     sh(repo, "dvc", "push")
     clone = teammate_clone(share(repo, tmp_path), team, tmp_path)
-    server, _ = mirror
+    server, _ = archive_mirror
     server.files.clear()  # the archive server is gone: a download would fail
     downloads = len(server.requests)
     client = MlflowClient(exported["MLFLOW_TRACKING_URI"])
