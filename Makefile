@@ -26,22 +26,22 @@ test: lint
 	python -m pytest tests -q -n auto --dist loadfile --durations=15
 
 bench: $(STAMP)
-	python -m cifar3study.operations.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
+	python -m cifar3study.bench.speed --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
 
 # A team's stack on loopback (PostgreSQL, S3, MLflow server, DVC remote): eval "$$(make -s team-up)".
 team-up: $(STAMP)
-	python -m cifar3study.operations.team_stack up
+	python -m cifar3study.team.stack up
 
 team-down: $(STAMP)
-	python -m cifar3study.operations.team_stack down
+	python -m cifar3study.team.stack down
 
 # Rerun a recorded run here and judge it against its record: make reproduce RUN=<run id, run name or DVC experiment>.
 reproduce: $(STAMP)
-	python -m cifar3study.operations.reproduce $(RUN)
+	python -m cifar3study.reproduction.run $(RUN)
 
 # A sweep of DVC experiments scheduled by Ray (this box, or RAY_ADDRESS's cluster): make study STUDY=studies/<name>.yaml.
 study: $(STAMP)
-	python -m cifar3study.operations.study $(STUDY)
+	python -m cifar3study.studies.run $(STUDY)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,5 +5,8 @@ data/         CIFAR-10 in, CIFAR-3 out: download, archive checks, safe unpicklin
 training/     models, speed tricks, device and numerics, the seed-group trainer, what training writes
 tracking/     MLflow: the store and its runs, provenance, what each stage logs
 reporting/    metrics files, the comparison, figures, the offline plots page
-operations/   beyond one `dvc repro`: benchmark, op audit, team stack, reproducing a run, studies on Ray
+studies/      a study file's trials as DVC experiments on Ray, and its report
+reproduction/ rerun a recorded run and judge it against its record
+team/         a team's shared stack on loopback (PostgreSQL, S3, MLflow server)
+bench/        the training-speed benchmark and the CUDA op audit
 """

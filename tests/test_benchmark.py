@@ -11,7 +11,7 @@ from tests.helpers import ROOT, tiny_params
 
 
 def test_every_variant_of_every_model_is_reported(cifar3_dir: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "cifar3study.operations.benchmark", "--train", str(cifar3_dir / "train.npz"),
+    cmd = [sys.executable, "-m", "cifar3study.bench.speed", "--train", str(cifar3_dir / "train.npz"),
            "--stats", str(cifar3_dir / "stats.json"), "--params", str(tiny_params(tmp_path)), "--groups", "1", "2",
            "--vmap-groups", "2", "--epochs", "1", "--warmup", "0", "--json", str(tmp_path / "bench.json")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar3study.errors import StageError
-from cifar3study.operations.op_audit import (
+from cifar3study.bench.op_audit import (
     CUBLAS_DETERMINISTIC,
     DETERMINISTIC,
     RAISES,
@@ -27,11 +26,12 @@ from cifar3study.operations.op_audit import (
     run_audit,
     verdict,
 )
+from cifar3study.errors import StageError
 from cifar3study.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "tests" / "pinned" / "aten_ops.txt"
-REGENERATE = "python -m cifar3study.operations.op_audit --out tests/pinned/aten_ops.txt"
+REGENERATE = "python -m cifar3study.bench.op_audit --out tests/pinned/aten_ops.txt"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar3study.operations.study_file import MAX_TRIALS, Resources, StudyError, load_study, trial_key, trials
+from cifar3study.studies.spec import MAX_TRIALS, Resources, StudyError, load_study, trial_key, trials
 from tests.helpers import ROOT
 
 BASE = "a" * 40

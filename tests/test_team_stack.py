@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from cifar3study.errors import StageError
-from cifar3study.operations import team_postgres, team_stack
+from cifar3study.team import postgres as team_postgres
+from cifar3study.team import stack as team_stack
+from cifar3study.team import state as team_state
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -28,8 +30,8 @@ def open_umask() -> Iterator[None]:
     os.umask(old)
 
 
-def stack_with_secret(folder: Path) -> team_stack.Stack:
-    stack = team_stack.open_stack(folder)
+def stack_with_secret(folder: Path) -> team_state.Stack:
+    stack = team_state.open_stack(folder)
     stack.s3_key, stack.s3_secret = "AKIATEAM", "the-s3-secret"
     return stack
 
@@ -49,7 +51,7 @@ def test_state_is_private(tmp_path: Path, open_umask: None) -> None:
     stack.save()
     assert mode(tmp_path / "stack" / "state.json") == 0o600
     assert mode(tmp_path / "stack") == 0o700
-    assert team_stack.open_stack(tmp_path / "stack").s3_secret == "the-s3-secret"
+    assert team_state.open_stack(tmp_path / "stack").s3_secret == "the-s3-secret"
 
 
 def test_remote_config_is_private_and_down_removes_it(tmp_path: Path, open_umask: None) -> None:
@@ -82,5 +84,5 @@ def test_a_temporary_folder_nobody_can_enter_is_refused_in_one_line(tmp_path: Pa
     private.mkdir(mode=0o700)
     monkeypatch.setattr(tempfile, "tempdir", str(private))
     with pytest.raises(StageError, match="set TMPDIR") as refused:
-        team_stack.start_postgres(team_stack.open_stack(tmp_path / "stack"))
+        team_stack.start_postgres(team_state.open_stack(tmp_path / "stack"))
     assert "\n" not in str(refused.value) and not list(private.iterdir())

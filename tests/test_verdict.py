@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cifar3study.operations.verdict import env_differences, judge, markdown, tost_p
+from cifar3study.reproduction.verdict import env_differences, judge, markdown, tost_p
 from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord, SeedRecord
 
 ENV = Environment("cpu", "cpu (x86_64, 2 threads)", "AVX2", "2.14.1", "2.4.6", "3.12.0", "none", "none", "2", "True",

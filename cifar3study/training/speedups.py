@@ -1,7 +1,7 @@
 """Every speed trick of the project, each with the measurement that earned its place.
 
 Measured on this project's CI-class machine (x86_64 VM, 2 cores, CPU only)
-with `python -m cifar3study.operations.benchmark` and micro-benchmarks of single ops;
+with `python -m cifar3study.bench.speed` and micro-benchmarks of single ops;
 each trick is checked against the plain computation in tests/test_speedups.py.
 Tried and dropped: `torch.compile` (no gain on that CPU); vmap with
 chunk_size=1 on the CPU (slicing the stacked weights cost more than it saved).
@@ -25,7 +25,7 @@ def batch_seeds(device: torch.device) -> bool:
     price of one. On the CPU one seed's kernels already keep the cores busy,
     and the batched kernels are slower than running the seeds one after
     another (2 cores: the CNN's grouped convolutions cost 1.6-2.2x per seed,
-    see `python -m cifar3study.operations.benchmark`), so the CPU keeps the plain modules
+    see `python -m cifar3study.bench.speed`), so the CPU keeps the plain modules
     and their fast paths (channels_last, oneDNN Linear).
     """
     return device.type != "cpu"

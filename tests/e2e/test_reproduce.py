@@ -21,7 +21,7 @@ from tests.helpers import archive_files, last_line, write_archive
 
 
 def reproduce(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cifar3study.operations.reproduce", *args], cwd=repo,
+    return subprocess.run([sys.executable, "-m", "cifar3study.reproduction.run", *args], cwd=repo,
                           env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=900)
 
 

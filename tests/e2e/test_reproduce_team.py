@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifar3study.operations import team_postgres, team_stack
+from cifar3study.team import postgres as team_postgres
+from cifar3study.team import state as team_state
 from tests.e2e.conftest import ENV, sh
 from tests.helpers import FileServer
 
@@ -26,17 +27,17 @@ pytestmark = pytest.mark.skipif(not (team_postgres.POSTGRES_BIN / "pg_ctl").is_f
 
 
 @pytest.fixture
-def stack(make_repo: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, team_stack.Stack, dict[str, str]]]:
+def stack(make_repo: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, team_state.Stack, dict[str, str]]]:
     """(project copy, its team stack, the variables `up` exports); the stack is always taken down."""
     repo = make_repo(epochs=1, seeds=[0])
     folder = tmp_path / "stack"
     try:
-        output = sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(folder))
+        output = sh(repo, sys.executable, "-m", "cifar3study.team.stack", "up", "--dir", str(folder))
         exported = dict(line.removeprefix("export ").split("=", 1) for line in output.splitlines())
-        yield repo, team_stack.open_stack(folder), exported
+        yield repo, team_state.open_stack(folder), exported
     finally:
         if folder.exists():
-            sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(folder))
+            sh(repo, sys.executable, "-m", "cifar3study.team.stack", "down", "--dir", str(folder))
 
 
 def snapshot(client: MlflowClient, run_id: str) -> list:
@@ -55,7 +56,7 @@ def share(repo: Path, tmp_path: Path) -> Path:
     return bare
 
 
-def teammate_clone(bare: Path, stack: team_stack.Stack, tmp_path: Path) -> Path:
+def teammate_clone(bare: Path, stack: team_state.Stack, tmp_path: Path) -> Path:
     """A fresh clone with the DVC remote configured from the stack's endpoint and key, and nothing else."""
     clone = tmp_path / "teammate" / "cifar3"
     sh(tmp_path, "git", "clone", "-q", str(bare), str(clone))
@@ -69,7 +70,7 @@ def teammate_clone(bare: Path, stack: team_stack.Stack, tmp_path: Path) -> Path:
 
 
 def test_run_on_the_server_is_reproduced_bitwise_from_a_fresh_clone(
-        stack: tuple[Path, team_stack.Stack, dict[str, str]], archive_mirror: tuple[FileServer, str], tmp_path: Path) -> None:
+        stack: tuple[Path, team_state.Stack, dict[str, str]], archive_mirror: tuple[FileServer, str], tmp_path: Path) -> None:
     repo, team, exported = stack
     sh(repo, "dvc", "repro", "evaluate@cnn", env=exported)
     run_id = json.loads((repo / "data" / "runs" / "cnn.json").read_text())["run_id"]
@@ -82,7 +83,7 @@ def test_run_on_the_server_is_reproduced_bitwise_from_a_fresh_clone(
     downloads = len(server.requests)
     client = MlflowClient(exported["MLFLOW_TRACKING_URI"])
     before = snapshot(client, run_id)
-    done = subprocess.run([sys.executable, "-m", "cifar3study.operations.reproduce", run_id], cwd=clone,
+    done = subprocess.run([sys.executable, "-m", "cifar3study.reproduction.run", run_id], cwd=clone,
                           env={**ENV, "MLFLOW_TRACKING_URI": exported["MLFLOW_TRACKING_URI"]},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

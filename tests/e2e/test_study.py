@@ -33,7 +33,7 @@ def run_study(repo: Path, study: dict) -> tuple[subprocess.CompletedProcess, flo
     env = {**ENV, "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cifar3study.operations.study", str(path), "--num-gpus", "2"],
+    done = subprocess.run([sys.executable, "-m", "cifar3study.studies.run", str(path), "--num-gpus", "2"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     return done, time.monotonic() - started
 

@@ -29,9 +29,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cifar3study.operations import team_postgres
-from cifar3study.operations.processes import HOST, free_port
-from cifar3study.operations.trial import exp_ref
+from cifar3study.studies.trial import exp_ref
+from cifar3study.team import postgres as team_postgres
+from cifar3study.team.processes import HOST, free_port
 from tests.e2e.conftest import ENV, sh
 
 pytestmark = pytest.mark.skipif(not (team_postgres.POSTGRES_BIN / "pg_ctl").is_file(), reason="needs PostgreSQL 15")
@@ -105,7 +105,7 @@ class Cluster:
     def study(self) -> subprocess.Popen:
         path = self.repo.parent / "c3.yaml"
         path.write_text(yaml.safe_dump(STUDY), encoding="utf-8")
-        cmd = [sys.executable, "-m", "cifar3study.operations.study", str(path), "--address", self.address]
+        cmd = [sys.executable, "-m", "cifar3study.studies.run", str(path), "--address", self.address]
         return subprocess.Popen(cmd, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
 
@@ -116,7 +116,7 @@ class Cluster:
 
 
 def stack(repo: Path, *args: str) -> str:
-    return sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", *args)
+    return sh(repo, sys.executable, "-m", "cifar3study.team.stack", *args)
 
 
 @pytest.fixture(scope="module")

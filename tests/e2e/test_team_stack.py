@@ -24,7 +24,9 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from cifar3study.operations import team_postgres, team_stack
+from cifar3study.team import postgres as team_postgres
+from cifar3study.team import stack as team_stack
+from cifar3study.team import state as team_state
 from tests.e2e.conftest import ENV, ran, sh
 from tests.e2e.test_queue import LRS, run_queue
 
@@ -38,8 +40,8 @@ class Team:
     env: dict[str, str]  # what `eval "$(make -s team-up)"` exports
 
     @property
-    def stack(self) -> team_stack.Stack:
-        return team_stack.open_stack(self.folder)
+    def stack(self) -> team_state.Stack:
+        return team_state.open_stack(self.folder)
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.env["MLFLOW_TRACKING_URI"])
@@ -50,7 +52,7 @@ class Team:
                             aws_access_key_id=stack.s3_key, aws_secret_access_key=stack.s3_secret)
 
     def stack_cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cifar3study.operations.team_stack", *args, "--dir", str(self.folder)],
+        return subprocess.run([sys.executable, "-m", "cifar3study.team.stack", *args, "--dir", str(self.folder)],
                               cwd=self.repo, env=ENV, capture_output=True, text=True, timeout=300)
 
     def train(self, out: Path, epochs: int) -> subprocess.Popen:
@@ -80,16 +82,16 @@ def one_line_failure(process: subprocess.Popen | subprocess.CompletedProcess, ti
 def team(make_repo: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     repo = make_repo(epochs=1, seeds=[0])
     folder = tmp_path_factory.mktemp("team") / "stack"  # under pytest's 0700 root: PostgreSQL's cluster lives elsewhere
-    output = sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(folder))
+    output = sh(repo, sys.executable, "-m", "cifar3study.team.stack", "up", "--dir", str(folder))
     team = Team(repo, folder, exports(output))
     yield team
     if folder.exists():  # the last test takes it down; this is for a run that stopped early
-        sh(repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(folder))
+        sh(repo, sys.executable, "-m", "cifar3study.team.stack", "down", "--dir", str(folder))
 
 
 def test_up_prints_the_variables_and_a_second_up_changes_nothing(team: Team) -> None:
     assert team.env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
-    again = exports(sh(team.repo, sys.executable, "-m", "cifar3study.operations.team_stack", "up", "--dir", str(team.folder)))
+    again = exports(sh(team.repo, sys.executable, "-m", "cifar3study.team.stack", "up", "--dir", str(team.folder)))
     assert again["MLFLOW_TRACKING_URI"] == team.env["MLFLOW_TRACKING_URI"]
     config = (team.repo / ".dvc" / "config.local").read_text()
     assert "url = s3://cifar3/dvc" in config and team.stack.s3_endpoint in config
@@ -233,7 +235,7 @@ def test_fault_wrong_s3_credentials(team: Team, tmp_path: Path) -> None:
 def test_down_removes_what_up_wrote(team: Team) -> None:
     postgres = Path(team.stack.postgres_dir)
     assert postgres.is_dir()
-    sh(team.repo, sys.executable, "-m", "cifar3study.operations.team_stack", "down", "--dir", str(team.folder))
+    sh(team.repo, sys.executable, "-m", "cifar3study.team.stack", "down", "--dir", str(team.folder))
     assert not team.folder.exists() and not postgres.exists()
     assert not (team.repo / ".dvc" / "config.local").exists()  # up made it: nothing of the user's was in it
     assert "team" not in sh(team.repo, "dvc", "remote", "list")

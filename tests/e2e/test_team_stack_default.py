@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar3study.operations import team_postgres
+from cifar3study.team import postgres as team_postgres
 from cifar3study.tracking.store import health_error
 from tests.e2e.conftest import ENV, copy_project
 
@@ -46,5 +46,5 @@ def test_make_team_up_and_down_with_the_default_folder_under_a_private_parent(tm
         assert not (repo / ".dvc" / "config.local").exists()
     finally:
         if (repo / ".team").exists():
-            subprocess.run([sys.executable, "-m", "cifar3study.operations.team_stack", "down"], cwd=repo, env=ENV,
+            subprocess.run([sys.executable, "-m", "cifar3study.team.stack", "down"], cwd=repo, env=ENV,
                            capture_output=True, timeout=300)

@@ -1,6 +1,6 @@
 """Training speed: the project's seed groups against the original study's DataLoader loop.
 
-    python -m cifar3study.operations.benchmark --train data/cifar3/train.npz --stats data/cifar3/stats.json \\
+    python -m cifar3study.bench.speed --train data/cifar3/train.npz --stats data/cifar3/stats.json \\
         [--groups 1 3 8] [--vmap-groups 3] [--epochs 2] [--warmup 1] [--rounds 1] [--json out.json]
 
 Each (model, variant) runs in its own child process, so the peak RSS it
@@ -132,7 +132,7 @@ def spawn(args: argparse.Namespace, model: str, variant: Variant) -> dict:
     """Run one variant in a fresh interpreter; it leaves its result as JSON in a temporary file."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "cifar3study.operations.benchmark", "--child", "--model", model, "--kind", variant.kind,
+        cmd = [sys.executable, "-m", "cifar3study.bench.speed", "--child", "--model", model, "--kind", variant.kind,
                "--seeds", str(variant.seeds), *(["--batched"] if variant.batched else []), "--result", str(result),
                "--params", str(args.params), "--train", str(args.train), "--stats", str(args.stats),
                "--epochs", str(args.epochs), "--warmup", str(args.warmup), "--device", args.device]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cifar3study.errors import StageError, one_line, quote
-from cifar3study.operations.study_file import Trial
+from cifar3study.studies.spec import Trial
 
 if TYPE_CHECKING:  # reading metrics pulls in scipy; a rerun of a finished study never does
     from cifar3study.reporting.evaluation import ModelMetrics

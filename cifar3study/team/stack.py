@@ -1,8 +1,8 @@
 """A team's shared stack on loopback: PostgreSQL for MLflow's runs, S3 for artifacts and DVC data, an MLflow server.
 
-    eval "$(python -m cifar3study.operations.team_stack up)"     # or: eval "$(make -s team-up)"
-    python -m cifar3study.operations.team_stack status | stop COMPONENT | start COMPONENT
-    python -m cifar3study.operations.team_stack down             # stops everything and deletes the stack's folder
+    eval "$(python -m cifar3study.team.stack up)"     # or: eval "$(make -s team-up)"
+    python -m cifar3study.team.stack status | stop COMPONENT | start COMPONENT
+    python -m cifar3study.team.stack down             # stops everything and deletes the stack's folder
 
 `up` starts what is not running (PostgreSQL as an unprivileged user when run
 as root, with a generated password; moto's S3 server with credential checks;
@@ -16,7 +16,6 @@ S3. moto keeps objects in memory, so the stack is throwaway: `down` deletes it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -30,65 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cifar3study.errors import StageError, one_line
-from cifar3study.operations.processes import HOST, alive, free_port, listening, write_private
-from cifar3study.operations.team_postgres import start_postgres, stop_postgres
+from cifar3study.team.postgres import start_postgres, stop_postgres
+from cifar3study.team.processes import HOST, alive, listening
+from cifar3study.team.state import COMPONENTS, Stack, open_stack
 from cifar3study.tracking.store import health_error
 
 log = logging.getLogger("team-stack")
 BUCKET = "cifar3"
-COMPONENTS = ("postgres", "s3", "mlflow")
 BIN = Path(sys.executable).parent  # moto_server, mlflow and dvc of this environment
-
-
-@dataclasses.dataclass
-class Stack:
-    """Where the stack lives and how to reach it; saved as state.json in its folder."""
-
-    dir: Path
-    ports: dict[str, int]
-    s3_key: str = ""
-    s3_secret: str = ""
-    pids: dict[str, int] = dataclasses.field(default_factory=dict)
-    postgres_dir: str = ""  # the cluster's own folder, which the unprivileged user can reach
-    postgres_password: str = ""  # the role mlflow's, given to clients in PGPASSWORD
-    dvc_repo: str = ""  # where `up` wrote the DVC remote, for `down` to remove it
-    dvc_config_created: bool = False  # `up` created .dvc/config.local: `down` may delete it
-
-    @property
-    def postgres_folder(self) -> Path:
-        return Path(self.postgres_dir) if self.postgres_dir else self.dir / "postgres"
-
-    @property
-    def postgres_uri(self) -> str:
-        """Without the password: libpq takes it from PGPASSWORD, so no command line shows it."""
-        return f"postgresql+psycopg2://mlflow@{HOST}:{self.ports['postgres']}/mlflow"
-
-    @property
-    def postgres_env(self) -> dict[str, str]:
-        return {**os.environ, "PGPASSWORD": self.postgres_password}
-
-    @property
-    def s3_endpoint(self) -> str:
-        return f"http://{HOST}:{self.ports['s3']}"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"http://{HOST}:{self.ports['mlflow']}"
-
-    def save(self) -> None:
-        state = {**dataclasses.asdict(self), "dir": str(self.dir)}
-        write_private(self.dir / "state.json", json.dumps(state, indent=1))
-
-
-def open_stack(folder: Path) -> Stack:
-    """The stack in `folder`: its saved state, or a new one on free ports."""
-    folder = folder.resolve()
-    if (folder / "state.json").is_file():
-        state = json.loads((folder / "state.json").read_text())
-        return Stack(**{**state, "dir": folder})
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)  # logs and state hold secrets; PostgreSQL lives elsewhere
-    return Stack(folder, {name: free_port() for name in COMPONENTS})
 
 
 def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -161,7 +109,7 @@ def start_mlflow(stack: Stack, s3_secret: str | None = None) -> None:
     """`mlflow server` on PostgreSQL, storing artifacts in the bucket and serving them to clients."""
     if not listening(stack.ports["postgres"]):
         raise StageError(f"PostgreSQL at {HOST}:{stack.ports['postgres']} is down, so the MLflow server cannot start; "
-                         "start it (python -m cifar3study.operations.team_stack start postgres) and rerun")
+                         "start it (python -m cifar3study.team.stack start postgres) and rerun")
     env = {**stack.postgres_env, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.s3_key,
            "AWS_SECRET_ACCESS_KEY": s3_secret or stack.s3_secret, "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its GenAI job workers: 7 processes this project never uses

@@ -1,6 +1,6 @@
 """The aten ops one training step and one evaluation dispatch, judged against torch's deterministic-mode list for CUDA.
 
-    python -m cifar3study.operations.op_audit [--params params.yaml] [--out tests/pinned/aten_ops.txt]
+    python -m cifar3study.bench.op_audit [--params params.yaml] [--out tests/pinned/aten_ops.txt]
 
 No GPU is lent to this project, so this is what the CPU can prove before a
 GPU box's first run. Each setting (every model of params.yaml x seed-by-seed
@@ -279,7 +279,7 @@ def pinned_lines(audit: Audit) -> list[str]:
 
 def pinned_text(audit: Audit) -> str:
     header = [f"# aten ops of one training step and one evaluation (torch {torch.__version__}, recorded on the CPU)",
-              "# regenerate: python -m cifar3study.operations.op_audit --out tests/pinned/aten_ops.txt, then review",
+              "# regenerate: python -m cifar3study.bench.op_audit --out tests/pinned/aten_ops.txt, then review",
               "# op | verdict under torch.use_deterministic_algorithms(True) on CUDA | where (model/path/phase)"]
     return "\n".join(header + pinned_lines(audit)) + "\n"
 

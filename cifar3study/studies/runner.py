@@ -11,8 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cifar3study.errors import one_line
-from cifar3study.operations.study_file import Resources, Study, Trial
-from cifar3study.operations.trial import TrialOutcome, TrialSpec, run_trial
+from cifar3study.studies.spec import Resources, Study, Trial
+from cifar3study.studies.trial import TrialOutcome, TrialSpec, run_trial
 from cifar3study.tracking import store
 
 log = logging.getLogger("study")

@@ -29,8 +29,8 @@ from mlflow.exceptions import MlflowException
 from cifar3study.cli import run_stage
 from cifar3study.errors import StageError, quote
 from cifar3study.files import write_text_atomic
-from cifar3study.operations import scratch
-from cifar3study.operations.verdict import Verdict, judge, markdown
+from cifar3study.reproduction import scratch
+from cifar3study.reproduction.verdict import Verdict, judge, markdown
 from cifar3study.tracking import store
 from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord, download_params, read_record
 from cifar3study.training.device import is_available

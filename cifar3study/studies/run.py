@@ -1,6 +1,6 @@
 """Run a study: every trial of a study file as a DVC experiment, scheduled by Ray, then its report.
 
-    python -m cifar3study.operations.study studies/<name>.yaml [--address ADDR]
+    python -m cifar3study.studies.run studies/<name>.yaml [--address ADDR]
 
 With no address (and no RAY_ADDRESS) Ray starts on this box, trials share
 this repository's DVC cache and log to its MLflow store, as `dvc repro`
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from cifar3study.cli import run_stage
 from cifar3study.errors import StageError, quote
-from cifar3study.operations.study_file import Study, Trial, load_study, trials
-from cifar3study.operations.trial import TrialOutcome, TrialSpec, fetch_exp, recorded_metrics, remote_exps
+from cifar3study.studies.spec import Study, Trial, load_study, trials
+from cifar3study.studies.trial import TrialOutcome, TrialSpec, fetch_exp, recorded_metrics, remote_exps
 
 log = logging.getLogger("study")
 # What trials get from the driver's environment: tracking server, its artifact store, a data mirror.
@@ -107,18 +107,18 @@ def run_study(args: argparse.Namespace, repo: Path) -> bool:
         return True
     log.info("study %s: %d trials, %d already finished, %d to run, commit %s", study.name, len(todo), len(done),
              len(todo) - len(done), base[:12])
-    from cifar3study.operations import study_runner  # Ray, MLflow and the report: only when there is work
+    from cifar3study.studies import runner  # Ray, MLflow and the report: only when there is work
 
     outcomes = [TrialOutcome(t.key, t.name, recorded_metrics(repo, done[t.name], t.models), skipped=True)
                 for t in todo if t.name in done]
     all_specs = specs(args, repo, study, params, base, remote, todo)
-    experiment_id = study_runner.prepare_store(repo, all_specs[0])
+    experiment_id = runner.prepare_store(repo, all_specs[0])
     pending = [spec for spec in all_specs if spec.trial.name not in done]
-    outcomes += study_runner.run_on_ray(pending, study.resources, args.address, args.num_gpus, len(done))
+    outcomes += runner.run_on_ray(pending, study.resources, args.address, args.num_gpus, len(done))
     failed = [o for o in outcomes if o.error is not None]
     for outcome in failed:
         log.error("trial %s failed: %s", outcome.name, outcome.error)
-    study_runner.report(repo, study, todo, outcomes, experiment_id, base)
+    runner.report(repo, study, todo, outcomes, experiment_id, base)
     return not failed
 
 

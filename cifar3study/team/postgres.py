@@ -8,13 +8,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cifar3study.errors import StageError
-from cifar3study.operations.processes import HOST, run_checked
-
-if TYPE_CHECKING:
-    from cifar3study.operations.team_stack import Stack
+from cifar3study.team.processes import HOST, run_checked
+from cifar3study.team.state import Stack
 
 POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 UNPRIVILEGED = ("nobody", "nogroup")  # PostgreSQL refuses to run as root

@@ -1,1 +1,0 @@
-"""Running the study beyond one `dvc repro`: benchmark, op audit, team stack, reproducing a run, studies on Ray."""

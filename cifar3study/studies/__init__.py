@@ -1,0 +1,1 @@
+"""Studies: a study file's trials as DVC experiments scheduled by Ray, and the study's report."""
