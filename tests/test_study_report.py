@@ -1,8 +1,8 @@
-"""The study report: ranking per model, Welch against the best with Holm's correction, the files and figures."""
+"""The study report: counts and cost per model, rankings, pruned and failed trials, importances, the final phase with
+its optimism, tuned against tuned on the test split, the val warning, the CSVs and figures."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -10,123 +10,193 @@ import pytest
 from scipy import stats
 
 from cifar3study.errors import StageError
-from cifar3study.reporting.evaluation import ModelMetrics, model_metrics
+from cifar3study.reporting.evaluation import spread
 from cifar3study.reporting.study_report import (
-    TrialResult,
-    holm,
-    rank_model,
-    study_figure,
-    to_markdown,
+    FinalRow,
+    ModelSearch,
+    StudyInfo,
+    TrialRow,
+    figures,
     write_study_report,
 )
 
-SPEED = {"seconds_per_epoch": 1.0, "group_seconds_per_epoch": 3.0, "images_per_second": 1000.0}
+FILES = {"report.md", "trials.csv", "final.csv", "pairs.csv", "history.png", "score_vs_train.lr.png",
+         "score_vs_model.widths.png", "score_vs_train.momentum.png", "importances.png", "final_test.png"}
 
 
-def metrics(val: list[float], n_params: int = 1000) -> ModelMetrics:
-    """A seed group as the evaluate stage builds it: one seed per value."""
-    per_seed = {seed: {"train_acc": v + 0.1, "val_acc": v, "gap": 0.1, "val_macro_f1": v} for seed, v in enumerate(val)}
-    return model_metrics(per_seed, n_params, SPEED)
+def info(select: str = "holdout") -> StudyInfo:
+    return StudyInfo("tune", "0123456789abcdef", select, 0.1 if select == "holdout" else 0.0, "tpe", "asha",
+                     frozenset({"train.lr"}))
 
 
-def trial(name: str, lr: float, fc: list[float], cnn: list[float], momentum: float = 0.0) -> TrialResult:
-    return TrialResult(f"key-{name}", name, {"train.lr": lr, "train.momentum": momentum, "train.epochs": 2},
-                       {"fc": metrics(fc, 50_000), "cnn": metrics(cnn, 2_000)})
+def trial(model: str, number: int, state: str, overrides: dict, scores: list[float] | None = None,
+          last: float | None = None, epochs: int = 10) -> TrialRow:
+    score = None if scores is None else spread(dict(enumerate(scores)))
+    return TrialRow(model, number, f"{model}-{number}", state, overrides, score, last, epochs, 10, len(scores or [0] * 3))
 
 
-def grid(seeds: int) -> list[TrialResult]:
-    """lr x momentum, the CNN ahead of the FC net, a small per-seed spread."""
-    spread = [0.0, 0.01, -0.01, 0.005][:seeds]
-    settings = itertools.product([0.01, 0.02, 0.04], [0.0, 0.9])
-    return [trial(f"t{i}", lr, [0.6 + lr * 5 + mom / 10 + s for s in spread],
-                  [0.85 + lr * 2 + mom / 50 + s * 2 for s in spread], mom) for i, (lr, mom) in enumerate(settings)]
+def final(winner: TrialRow, test: list[float]) -> FinalRow:
+    seeds = tuple(range(100, 100 + len(test)))
+    return FinalRow(winner, spread(dict(zip(seeds, test))), seeds)
 
 
-def test_holm_matches_a_hand_computed_example() -> None:
-    # sorted 0.01, 0.03, 0.04, 0.20 times 4, 3, 2, 1 = 0.04, 0.09, 0.08 -> 0.09 (kept monotone), 0.20
-    assert holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
-    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
-    assert holm([]) == []
+def fc() -> ModelSearch:
+    trials = [trial("fc", 0, "COMPLETE", {"train.lr": 0.1, "model.widths": [512, 256]}, [0.60, 0.61, 0.62]),
+              trial("fc", 1, "COMPLETE", {"train.lr": 0.01, "model.widths": [256]}, [0.70, 0.71, 0.72]),
+              trial("fc", 2, "PRUNED", {"train.lr": 0.001, "model.widths": [256]}, last=0.45, epochs=3),
+              trial("fc", 3, "FAIL", {"train.lr": 0.3, "model.widths": [256]}, epochs=1),
+              trial("fc", 4, "COMPLETE", {"train.lr": 0.02, "model.widths": [512, 256]}, [0.69, 0.71, 0.70])]
+    return ModelSearch("fc", ["train.lr", "model.widths"], trials, {"train.lr": 0.8, "model.widths": 0.2},
+                       final(trials[1], [0.66, 0.67, 0.68]))
 
 
-def test_trials_are_ranked_by_mean_and_tested_against_the_best_with_holm() -> None:
-    best = [0.80, 0.81, 0.82]
-    close = [0.79, 0.81, 0.82]  # within the noise of the best
-    far = [0.60, 0.61, 0.62]
-    trials = [trial("close", 0.01, close, best), trial("best", 0.02, best, best), trial("far", 0.03, far, best)]
-    ranked = rank_model(trials, "fc")
-    assert [r.trial.name for r in ranked] == ["best", "close", "far"]
-    p_close = stats.ttest_ind(close, best, equal_var=False).pvalue
-    p_far = stats.ttest_ind(far, best, equal_var=False).pvalue
-    assert p_far < p_close  # so Holm multiplies p_far by 2 and p_close by 1 (kept at least p_far's)
-    assert ranked[2].p_holm == pytest.approx(2 * p_far)
-    assert ranked[1].p_holm == pytest.approx(max(p_close, 2 * p_far))
-    assert ranked[1].diff == pytest.approx(sum(close) / 3 - sum(best) / 3)
-    assert [r.verdict for r in ranked] == ["best", "cannot be told apart from the best", "worse than the best"]
+def cnn() -> ModelSearch:
+    trials = [trial("cnn", 0, "COMPLETE", {"train.lr": 0.01, "train.momentum": 0.9}, [0.85, 0.86, 0.87]),
+              trial("cnn", 1, "PRUNED", {"train.lr": 0.3, "train.momentum": 0.0}, last=0.5, epochs=2),
+              trial("cnn", 2, "COMPLETE", {"train.lr": 0.05, "train.momentum": 0.0}, [0.80, 0.81, 0.82]),
+              trial("cnn", 3, "RUNNING", {"train.lr": 0.02, "train.momentum": 0.5}, epochs=4)]
+    return ModelSearch("cnn", ["train.lr", "train.momentum"], trials, {}, final(trials[0], [0.83, 0.84, 0.85]))
 
 
-def test_report_states_which_trials_cannot_be_told_apart_from_the_best() -> None:
-    text = to_markdown("lr", ["train.lr", "train.momentum"], grid(3), {"train.lr": "a.png"}, base_commit="abcdef1234567890")
-    assert text.startswith("# Study `lr`\n\n6 trials × 2 models (fc, cnn), 3 seeds each (seeds 0, 1, 2), "
-                           "base commit `abcdef123456`.")
-    assert "Set in every trial: `train.epochs=2`" in text
-    assert "## fc: trials ranked by validation accuracy" in text and "## cnn: trials ranked" in text
-    assert "fc: every other trial is worse than the best at 0.05 (Holm)." in text
-    # t2 and t1 differ from the best at 0.05 alone (p 0.024, 0.021), not once corrected for 5 comparisons
-    assert "cnn: 4 trials cannot be told apart from the best (t5) at 0.05 (Holm): t4, t3, t2, t1." in text
-    assert "Best cnn − best fc:" in text and "Welch p =" in text
-    assert "![validation accuracy against train.lr](a.png)" in text
+def tiny() -> ModelSearch:
+    """One complete trial and no final phase yet."""
+    return ModelSearch("tiny", ["train.lr"], [trial("tiny", 0, "COMPLETE", {"train.lr": 0.01}, [0.5, 0.5, 0.6])],
+                       {}, None)
 
 
-def test_one_seed_says_no_test_is_possible_and_gives_no_p_value(tmp_path: Path) -> None:
-    write_study_report(tmp_path, "lr", ["train.lr", "train.momentum"], grid(1))
+def report(tmp_path: Path, select: str = "holdout") -> str:
+    write_study_report(tmp_path, info(select), [fc(), cnn(), tiny()])
+    return (tmp_path / "report.md").read_text()
+
+
+def test_header_states_the_protocol_and_warns_only_when_selected_on_the_test_split(tmp_path: Path) -> None:
+    text = report(tmp_path / "holdout")
+    assert text.startswith("# Study `tune`\n\nBase commit `0123456789ab`.")
+    assert "selected on a holdout of 10% of the training split" in text
+    assert "refit on the full training split from 3 new seeds and evaluated once on the untouched test split" in text
+    assert "Warning" not in text and "optimistic" not in text
+    warned = report(tmp_path / "val", "val")
+    assert "**Warning: trials were selected on the test split (`select: val`).**" in warned
+    assert "optimistic (selection bias)" in warned and "not an unbiased estimate" in warned
+    assert "holdout of" not in warned and "untouched" not in warned
+
+
+def test_counts_and_epochs_saved_by_pruning(tmp_path: Path) -> None:
+    text = report(tmp_path)
+    # fc: 3 complete x 10 epochs x 3 seeds, pruned at 3 of 10, failed at 1: spent 90+9+3, unpruned 90+30+3
+    assert "| fc | 3 | 1 | 1 | 0 | 0 | 102 | 123 | 17.1% |" in text
+    # cnn: the running trial costs what it spent either way: spent 60+6+12, unpruned 60+30+12
+    assert "| cnn | 2 | 1 | 0 | 1 | 0 | 78 | 102 | 23.5% |" in text
+    assert "| tiny | 1 | 0 | 0 | 0 | 0 | 30 | 30 | 0.0% |" in text
+
+
+def test_final_phase_gives_test_accuracy_and_optimism(tmp_path: Path) -> None:
+    text = report(tmp_path)
+    test = spread({100: 0.66, 101: 0.67, 102: 0.68})
+    # optimism = selection mean 0.71 - test mean 0.67, the winner chosen from 3 complete trials
+    assert (f"| fc | fc-1 (#1) | `train.lr=0.01`, `model.widths=[256]` | 3 trials | 0.7100 ± 0.0100 (n=3) | "
+            f"0.6700 ± 0.0100 | [{test.ci95[0]:.4f}, {test.ci95[1]:.4f}] | 3 | +0.0400 |") in text
+    assert "| cnn | cnn-0 (#0) | `train.lr=0.01`, `train.momentum=0.9` | 2 trials | 0.8600 ± 0.0100 (n=3) |" in text
+    assert "| 3 | +0.0200 |" in text
+    assert "tiny: no final phase (none configured, or it has not finished)." in text
+    final = pd.read_csv(tmp_path / "final.csv")
+    assert list(final["model"]) == ["fc", "cnn"]
+    assert list(final["optimism"]) == pytest.approx([0.04, 0.02]) and list(final["n_trials"]) == [3, 2]
+    assert final["config"][0] == '{"model.widths": [256], "train.lr": 0.01}'
+
+
+def test_tuned_against_tuned_covers_only_models_with_a_final(tmp_path: Path) -> None:
+    text = report(tmp_path)
+    p = stats.ttest_ind([0.83, 0.84, 0.85], [0.66, 0.67, 0.68], equal_var=False).pvalue
+    assert p < 0.0001
+    assert "| cnn − fc | +0.1700 |" in text and "| < 0.0001 | 1.0000 | [1.0000, 1.0000] |" in text
+    assert "tiny −" not in text and "− tiny" not in text
+    assert 'Bouthillier et al., MLSys 2021, "Accounting for variance in machine learning benchmarks"' in text
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    assert list(pairs["pair"]) == ["cnn - fc"]
+    assert pairs["p_greater"][0] == 1.0 and pairs["welch_p"][0] == pytest.approx(p)
+    assert (pairs["p_greater_ci95_low"][0], pairs["p_greater_ci95_high"][0]) == (1.0, 1.0)
+
+
+def test_trials_are_ranked_then_pruned_then_failed(tmp_path: Path) -> None:
+    text = report(tmp_path)
+    fc_part = text[text.index("## fc: search"):text.index("## cnn: search")]
+    assert fc_part.index("| 1 | 1 | fc-1 | 0.01 | [256] | 0.7100 ± 0.0100 |") < fc_part.index("| 2 | 4 | fc-4 |")
+    assert "| 3 | 0 | fc-0 | 0.1 | [512, 256] | 0.6100 ± 0.0100 |" in fc_part
+    assert "fc: 1 trial cannot be told apart from the best (fc-1) at 0.05 (Holm): fc-4." in fc_part
+    assert "| 2 | fc-2 | PRUNED | 0.001 | [256] | 3 of 10 | 0.4500 |" in fc_part
+    assert "| 3 | fc-3 | FAIL | 0.3 | [256] | 1 of 10 | n/a |" in fc_part
+    assert fc_part.index("### Pruned") < fc_part.index("### Failed")
+    assert "| cnn-3 | RUNNING |" in text
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert len(trials) == 5 + 4 + 1
+    assert list(trials[trials.model == "fc"]["state"]) == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    assert {"score_mean", "score_std", "score_n", "last_score", "epochs", "full_epochs", "seeds", "train.lr",
+            "model.widths", "train.momentum", "p_holm"} <= set(trials.columns)
+
+
+def test_importances_or_why_none(tmp_path: Path) -> None:
+    text = report(tmp_path)
+    assert "| `train.lr` | 0.8000 |\n| `model.widths` | 0.2000 |" in text
+    assert "No parameter importances for cnn: they could not be computed" in text
+    assert "No parameter importances for tiny: fewer than 2 complete trials." in text
+
+
+def test_one_seed_gives_no_test_and_no_interval(tmp_path: Path) -> None:
+    trials = [trial("fc", i, "COMPLETE", {"train.lr": lr}, [score]) for i, (lr, score) in enumerate([(0.1, 0.6), (0.01, 0.7)])]
+    search = ModelSearch("fc", ["train.lr"], trials, {}, final(trials[1], [0.65]))
+    write_study_report(tmp_path, info(), [search])
     text = (tmp_path / "report.md").read_text()
-    assert "fc: one seed per trial, so no test is possible" in text
-    assert "one seed: no test possible" in text and "p =" not in text
-    table = pd.read_csv(tmp_path / "trials.csv")
-    assert table["p_holm"].isna().all() and table["val_acc_ci95_low"].isna().all()
-    assert set(table["verdict"]) == {"best", "no test possible (one seed)"}
+    assert "fc: one seed per trial, so no test is possible" in text and "no test possible (one seed)" in text
+    assert "| 0.7000 (n=1) | 0.6500 | n/a | 1 | +0.0500 |" in text
+    assert "Fewer than two models have a final phase: no comparison." in text
 
 
-def test_files_are_written_with_a_figure_per_swept_key(tmp_path: Path) -> None:
-    out = tmp_path / "reports" / "studies" / "lr"
-    files = write_study_report(out, "lr", ["train.lr", "train.momentum"], grid(3))
-    names = {p.name for p in files}
-    assert names == {"report.md", "trials.csv", "val_acc_vs_train.lr.png", "val_acc_vs_train.momentum.png"}
-    assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
-    for png in out.glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 6 * 2 and list(table.groupby("model")["rank"].max()) == [6, 6]
-    assert {"trial_key", "train.lr", "train.momentum", "val_acc", "val_acc_std", "n", "p_holm"} <= set(table.columns)
+def test_files_exist_are_listed_and_the_same_for_the_same_input(tmp_path: Path) -> None:
+    files = write_study_report(tmp_path / "a", info(), [fc(), cnn(), tiny()])
+    assert files[0] == tmp_path / "a" / "report.md" and {p.name for p in files} == FILES
+    assert {p.name for p in (tmp_path / "a").iterdir()} == FILES  # no temporary files left behind
+    for path in files:
+        assert path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_study_report(tmp_path / "b", info(), [fc(), cnn(), tiny()])
+    for name in ("report.md", "trials.csv", "final.csv", "pairs.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_bad_input_leaves_the_previous_report_untouched(tmp_path: Path) -> None:
-    write_study_report(tmp_path, "lr", ["train.lr"], grid(2))
+    write_study_report(tmp_path, info(), [fc()])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(StageError, match=r"^trial 't0' has no value for swept key 'train\.width'; rerun"):
-        write_study_report(tmp_path, "lr", ["train.lr", "train.width"], grid(2))
-    with pytest.raises(StageError, match="no finished trial"):
-        write_study_report(tmp_path, "lr", ["train.lr"], [])
+    broken = ModelSearch("fc", ["train.lr"], [trial("fc", 0, "COMPLETE", {"train.lr": 0.1})], {}, None)
+    with pytest.raises(StageError, match=r"^trial 'fc-0' of model 'fc' is complete but has no score; rerun"):
+        write_study_report(tmp_path, info(), [broken])
+    with pytest.raises(StageError, match="searched no model"):
+        write_study_report(tmp_path, info(), [])
+    with pytest.raises(StageError, match="neither 'holdout' nor 'val'"):
+        write_study_report(tmp_path, info("test"), [fc()])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_figure_has_a_line_per_model_in_a_panel_per_other_setting() -> None:
-    fig = study_figure("lr", "train.lr", ["train.lr", "train.momentum"], grid(3))
-    panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == ["train.momentum=0", "train.momentum=0.9"]
-    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["0.01", "0.02", "0.04"]
-    assert [t.get_text() for t in panels[0].get_legend().get_texts()] == ["fc", "cnn"]
-    fc_line = panels[0].get_lines()[0]
-    assert list(fc_line.get_ydata()) == pytest.approx([0.6 + lr * 5 for lr in (0.01, 0.02, 0.04)])
+def test_figures_draw_history_pruned_trials_and_key_scales() -> None:
+    drawn = figures(info(), [fc(), cnn()])
+    fc_panel = drawn["history.png"][1].axes[0]
+    assert fc_panel.get_title() == "fc"
+    assert list(fc_panel.get_lines()[0].get_ydata()) == pytest.approx([0.61, 0.71, 0.71])  # best so far
+    complete, pruned = fc_panel.collections[:2]
+    assert pruned.get_offsets().tolist() == [[2, 0.45]] and len(complete.get_offsets()) == 3
+    assert drawn["score_vs_train.lr.png"][1].axes[0].get_xscale() == "log"
+    assert drawn["score_vs_train.momentum.png"][1].axes[0].get_xscale() == "linear"
+    widths = drawn["score_vs_model.widths.png"][1].axes[0]
+    assert [t.get_text() for t in widths.get_xticklabels()] == ["[256]", "[512, 256]"]
+    legend = drawn["score_vs_train.lr.png"][1].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["fc", "cnn"]
 
 
-def test_figure_averages_over_the_other_keys_when_they_would_make_too_many_panels() -> None:
-    swept = ["train.lr", "train.momentum", "train.batch_size"]
-    trials = [TrialResult(f"k{i}", f"t{i}", {"train.lr": lr, "train.momentum": mom, "train.batch_size": bs},
-                          {"fc": metrics([lr * 10 + mom, lr * 10 + mom + 0.01])})
-              for i, (lr, mom, bs) in enumerate(itertools.product([0.01, 0.02], [0.0, 0.3, 0.6, 0.9], [32, 64, 128]))]
-    fig = study_figure("big", "train.lr", swept, trials)  # 4 x 3 = 12 settings of the other keys
-    panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == ["mean over train.momentum, train.batch_size; bars: std of those trials"]
-    assert list(panels[0].get_lines()[0].get_ydata()) == pytest.approx([0.1 + 0.45 + 0.005, 0.2 + 0.45 + 0.005])
+def test_a_study_with_no_trial_yet_still_writes_every_file(tmp_path: Path) -> None:
+    files = write_study_report(tmp_path, info(), [ModelSearch("fc", ["train.lr"], [], {}, None)])
+    text = (tmp_path / "report.md").read_text()
+    assert "No complete trial." in text and "No final phase has finished" in text
+    assert "fc: no final phase" in text and "Fewer than two models have a final phase" in text
+    assert list(pd.read_csv(tmp_path / "trials.csv").columns)[:4] == ["model", "number", "name", "state"]
+    assert all(p.stat().st_size > 0 for p in files)

@@ -1,11 +1,8 @@
-"""The report of a study: every trial's seed groups ranked per model, each against the best, with a figure per swept key.
+"""The report of a study: each model's search ranked and costed, its winner refit and tested, tuned against tuned.
 
-Within a model, each trial is compared with that model's best trial by
-Welch's t-test on validation accuracy over their seeds; the p-values are
-Holm-corrected over those comparisons, so "cannot be told apart from the
-best" holds for the family of trials, not for each pair alone. With a single
-seed there is no spread to test against, and the report says so rather than
-printing a p-value.
+Trials are chosen on a selection split: a holdout of the training split, or
+the test split itself (`val`: optimistic, and the report says so). The
+statistics are in study_stats, the figures in study_figures.
 """
 
 from __future__ import annotations
@@ -18,77 +15,115 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from cifar3study.errors import StageError, quote
 from cifar3study.files import atomic_path, write_text_atomic
-from cifar3study.reporting.evaluation import ModelMetrics, Spread
+from cifar3study.reporting import study_stats as stats
+from cifar3study.reporting.evaluation import Spread
 from cifar3study.reporting.figures import save_png
-from cifar3study.reporting.report import welch
+from cifar3study.reporting.study_figures import Point, final_figure, history_figure, importance_figure, key_figure
+from cifar3study.reporting.study_figures import label as _show
+from cifar3study.reporting.study_stats import Pair, Versus
 
-ALPHA = 0.05
-MAX_PANELS = 9  # beyond this many combinations of the other swept keys, a figure averages over them
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialResult:
-    key: str  # trial key: hash of study name, base commit and overrides
-    name: str  # the trial's DVC experiment name
-    overrides: dict[str, object]  # dotted params key -> value: the swept keys and the `set` keys
-    metrics: dict[str, ModelMetrics]  # per model, as reporting.evaluation.read_metrics reads the trial's metrics
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+TRIAL_COLUMNS = ["model", "number", "name", "state", "score_mean", "score_std", "score_n", "last_score", "epochs",
+                 "full_epochs", "seeds", "rank", "diff_vs_best", "p_welch", "p_holm", "verdict"]
+FINAL_COLUMNS = ["model", "winner", "config", "selection_mean", "selection_std", "selection_n", "test_mean", "test_std",
+                 "test_ci95_low", "test_ci95_high", "n_seeds", "seeds", "optimism", "n_trials"]
+SPLITS = {"holdout": "holdout accuracy", "val": "test-split accuracy (optimistic)"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Ranked:
-    """One trial of one model, against that model's best trial (diff and p-values None for the best itself)."""
-
-    trial: TrialResult
+class TrialRow:
     model: str
-    rank: int
-    diff: float | None
-    p_value: float | None  # Welch, two-sided; None when either group has one seed
-    p_holm: float | None
-
-    @property
-    def val_acc(self) -> Spread:
-        return self.trial.metrics[self.model].val_acc
-
-    @property
-    def verdict(self) -> str:
-        if self.rank == 1:
-            return "best"
-        if self.p_holm is None:
-            return "no test possible (one seed)"
-        return "cannot be told apart from the best" if self.p_holm >= ALPHA else "worse than the best"
+    number: int  # the trial's number in its model's search
+    name: str  # its DVC experiment name
+    state: str  # "COMPLETE" | "PRUNED" | "FAIL" | "RUNNING" | "WAITING"
+    overrides: dict[str, object]  # the searched keys' values
+    score: Spread | None  # selection-split accuracy over the trial's seeds (COMPLETE only)
+    last_score: float | None  # mean score at the last epoch it trained (PRUNED: where it stopped); None if unknown
+    epochs: int  # epochs it trained (pruned: fewer)
+    full_epochs: int  # epochs it would have trained unpruned
+    seeds: int  # seeds per trial (cost = epochs * seeds)
 
 
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given: the k-th smallest times (m - k + 1), kept monotone."""
-    m = len(p_values)
-    adjusted = [0.0] * m
-    running = 0.0
-    for k, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
-        running = max(running, min(1.0, (m - k) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+@dataclasses.dataclass(frozen=True)
+class FinalRow:
+    winner: TrialRow  # the chosen configuration (a COMPLETE trial)
+    test: Spread  # test-split accuracy of the refits, one value per final seed
+    seeds: tuple[int, ...]
 
 
-def rank_model(trials: list[TrialResult], model: str) -> list[Ranked]:
-    """The trials that trained `model`, best mean validation accuracy first, each tested against the best."""
-    have = sorted((t for t in trials if model in t.metrics), key=lambda t: (-t.metrics[model].val_acc.mean, t.name))
-    best = have[0].metrics[model].val_acc
-    tests = [welch(t.metrics[model].val_acc, best)[1] for t in have[1:]]
-    done = [p for p in tests if p is not None]
-    adjusted = iter(holm(done))  # corrected over the tests actually made
-    rows = [Ranked(have[0], model, 1, None, None, None)]
-    for rank, (trial, p) in enumerate(zip(have[1:], tests), start=2):
-        diff = trial.metrics[model].val_acc.mean - best.mean
-        rows.append(Ranked(trial, model, rank, diff, p, None if p is None else next(adjusted)))
-    return rows
+@dataclasses.dataclass(frozen=True)
+class ModelSearch:
+    model: str
+    keys: list[str]  # searched keys that apply to this model
+    trials: list[TrialRow]
+    importances: dict[str, float]  # fANOVA importance per key (sums to 1); {} when it could not be computed
+    final: FinalRow | None  # None: the study has no final phase, or it has not finished
 
 
-def _value(value: object) -> str:
+@dataclasses.dataclass(frozen=True)
+class StudyInfo:
+    name: str
+    base_commit: str
+    select: str  # "holdout" | "val"
+    holdout: float  # data.holdout fraction during the search (0 with select val)
+    sampler: str  # "grid" | "tpe" | "random"
+    pruner: str  # "asha" | "median" | "none"
+    log_keys: frozenset[str]  # searched keys on a log scale (figures use a log x axis)
+
+
+def _check_search(s: ModelSearch) -> None:
+    for t in s.trials:
+        where = f"trial {quote(t.name)} of model {quote(s.model)}"
+        if t.state not in STATES:
+            raise StageError(f"{where} has state {quote(t.state)}, not one of {', '.join(STATES)}; rerun the report")
+        if t.state == "COMPLETE" and t.score is None:
+            raise StageError(f"{where} is complete but has no score; rerun that trial")
+    if not all(math.isfinite(v) for v in s.importances.values()):
+        raise StageError(f"model {quote(s.model)} has a non-finite parameter importance; rerun the report")
+    f = s.final
+    if f is not None and (f.winner.score is None or f.winner.state != "COMPLETE"):
+        raise StageError(f"model {quote(s.model)}: final winner {quote(f.winner.name)} is not a complete trial")
+    if f is not None and sorted(f.test.per_seed) != sorted(f.seeds):
+        raise StageError(f"model {quote(s.model)}: the final test scores are not one per final seed; rerun its final phase")
+
+
+def _check(info: StudyInfo, searches: list[ModelSearch]) -> None:
+    if not searches:
+        raise StageError(f"study {quote(info.name)} searched no model: nothing to report; check its models")
+    if info.select not in SPLITS:
+        raise StageError(f"select {quote(info.select)} is neither 'holdout' nor 'val'; fix the study file")
+    for s in searches:
+        _check_search(s)
+
+
+def ranked(search: ModelSearch) -> list[tuple[TrialRow, Versus]]:
+    """The complete trials, best mean score first (ties by trial number), each against the best."""
+    done = sorted((t for t in search.trials if t.state == "COMPLETE"), key=lambda t: (-t.score.mean, t.number))
+    return list(zip(done, stats.against_best([t.score for t in done])))
+
+
+def cost(trials: list[TrialRow]) -> tuple[int, int]:
+    """(epochs spent, epochs the same trials would have cost unpruned), both times seeds.
+
+    Only pruning is counted as a saving: a failed or unfinished trial would
+    have cost the same without a pruner, so it adds what it spent to both.
+    """
+    spent = sum(t.epochs * t.seeds for t in trials)
+    full = sum((t.full_epochs if t.state in ("COMPLETE", "PRUNED") else t.epochs) * t.seeds for t in trials)
+    return spent, full
+
+
+def pairs(searches: list[ModelSearch]) -> list[tuple[str, str, Pair]]:
+    """(a, b, b − a) for each pair of models with a final, in the order of `searches`."""
+    done = [s for s in searches if s.final is not None]
+    return [(a.model, b.model, stats.compare(a.final.test, b.final.test)) for a, b in itertools.combinations(done, 2)]
+
+
+def _json(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -96,231 +131,200 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _settings(trial: TrialResult, swept: list[str]) -> str:
-    return " | ".join(_cell(_value(trial.overrides[k])) for k in swept)
+def _settings(t: TrialRow, keys: list[str]) -> str:
+    return " | ".join(_cell(_show(t.overrides[k])) if k in t.overrides else "" for k in keys)
 
 
-def _models(trials: list[TrialResult]) -> list[str]:
-    return list(dict.fromkeys(m for t in trials for m in t.metrics))
+def _config(t: TrialRow) -> str:
+    return ", ".join(f"`{k}={_show(v)}`" for k, v in t.overrides.items()) or "(defaults)"
 
 
-def _check(trials: list[TrialResult], swept: list[str]) -> None:
-    if not trials:
-        raise StageError("no finished trial to report; rerun the study once a trial has finished")
-    for trial in trials:
-        missing = [k for k in swept if k not in trial.overrides]
-        if missing or not trial.metrics:
-            what = f"no value for swept key {quote(missing[0])}" if missing else "no model metrics"
-            raise StageError(f"trial {quote(trial.name)} has {what}; rerun that trial")
+def _protocol(info: StudyInfo, searches: list[ModelSearch]) -> list[str]:
+    sizes = sorted({len(s.final.seeds) for s in searches if s.final is not None})
+    refit = ("No final phase has finished: no test-split numbers below." if not sizes else
+             f"Each model's winner was refit on the full training split from {'/'.join(map(str, sizes))} new seeds "
+             "and evaluated once on the test split.")
+    if info.select == "val":
+        return ["> **Warning: trials were selected on the test split (`select: val`).** Ranks and the winners' "
+                "selection scores come from the data used to choose them, so they are optimistic (selection bias). "
+                "The final refits are tested on that same split, so their numbers are not an unbiased estimate "
+                "either. Use `select: holdout` for an honest one.", ">", f"> {refit}"]
+    return [f"**Protocol.** Trials were selected on a holdout of {info.holdout * 100:g}% of the training split; "
+            "the test split played no part in choosing.",
+            refit.replace("on the test split", "on the untouched test split")]
 
 
-def trials_table(trials: list[TrialResult], swept: list[str]) -> pd.DataFrame:
-    """One row per trial and model, with every number of the report, unformatted (the CSV)."""
-    rows = []
-    for model in _models(trials):
-        for r in rank_model(trials, model):
-            m = r.trial.metrics[model]
-            row = {"model": model, "rank": r.rank, "trial": r.trial.name, "trial_key": r.trial.key,
-                   **{k: _value(v) for k, v in r.trial.overrides.items()}, "n": m.val_acc.n,
-                   "seeds": " ".join(str(s) for s in m.val_acc.per_seed)}
-            for key in ("val_acc", "train_acc", "gap", "val_macro_f1"):
-                s: Spread = getattr(m, key)
-                row |= {key: s.mean, f"{key}_std": s.std}
-            row |= {"val_acc_ci95_low": m.val_acc.ci95[0] if m.val_acc.ci95 else None,
-                    "val_acc_ci95_high": m.val_acc.ci95[1] if m.val_acc.ci95 else None,
-                    "diff_vs_best": r.diff, "p_welch": r.p_value, "p_holm": r.p_holm, "verdict": r.verdict,
-                    "params": m.params, "seconds_per_epoch": m.seconds_per_epoch}
-            rows.append(row)
-    return pd.DataFrame(rows)
+def _header(info: StudyInfo, searches: list[ModelSearch]) -> list[str]:
+    trials = sum(len(s.trials) for s in searches)
+    commit = f"Base commit `{info.base_commit[:12]}`. " if info.base_commit else ""
+    return [f"# Study `{info.name}`", "",
+            f"{commit}Each model's hyperparameters were searched separately: {stats.plural(trials, 'trial')} over "
+            f"{', '.join(s.model for s in searches)} (sampler: {info.sampler}, pruner: {info.pruner}).", "",
+            *_protocol(info, searches), "",
+            f"A trial's score is its {SPLITS[info.select]}: mean ± sample std over its seeds, with Student's t "
+            "95% interval. Within a model, every complete trial is compared with the best by Welch's t-test, "
+            f"Holm-corrected over those comparisons at {stats.ALPHA}.", ""]
 
 
-def _pm(s: Spread) -> str:
-    return f"{s.mean:.4f}" if s.std is None else f"{s.mean:.4f} ± {s.std:.4f}"
+def _cost_lines(searches: list[ModelSearch]) -> list[str]:
+    lines = ["## Search cost", "", "| model | complete | pruned | failed | running | waiting | epochs spent "
+             "| unpruned | saved by pruning |", "|:--|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for s in searches:
+        counts = [sum(t.state == state for t in s.trials) for state in STATES]
+        spent, full = cost(s.trials)
+        saved = "n/a" if full == 0 else f"{100 * (full - spent) / full:.1f}%"
+        lines.append(f"| {s.model} | {' | '.join(map(str, counts))} | {spent} | {full} | {saved} |")
+    return [*lines, "", "Epochs are epochs × seeds. Unpruned: what the same trials would have cost had none been "
+            "pruned (a failed or unfinished trial counts what it spent).", ""]
 
 
-def _interval(ci: tuple[float, float] | None) -> str:
-    return "n/a" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+def _final_lines(searches: list[ModelSearch]) -> list[str]:
+    lines = ["## Final phase: each winner refit and tested once", "",
+             "| model | winner | configuration | chosen from | selection score | test accuracy | 95% CI | seeds "
+             "| optimism |", "|:--|:--|:--|--:|--:|--:|--:|--:|--:|"]
+    missing = []
+    for s in searches:
+        if s.final is None:
+            missing.append(s.model)
+            continue
+        f, w = s.final, s.final.winner
+        chosen = sum(t.state == "COMPLETE" for t in s.trials)
+        lines.append(f"| {s.model} | {_cell(w.name)} (#{w.number}) | {_cell(_config(w))} | "
+                     f"{stats.plural(chosen, 'trial')} | {stats.pm(w.score)} (n={w.score.n}) | {stats.pm(f.test)} | "
+                     f"{stats.interval(f.test.ci95)} | {len(f.seeds)} | {w.score.mean - f.test.mean:+.4f} |")
+    lines += ["", "Optimism: the winner's selection score minus its test accuracy, what choosing the best of "
+              "the complete trials on the selection split flattered it by.", ""]
+    lines += [f"{m}: no final phase (none configured, or it has not finished)." for m in missing]
+    return [*lines, ""] if missing else lines
 
 
-def _seed_summary(trials: list[TrialResult]) -> str:
-    seeds = {tuple(m.val_acc.per_seed) for t in trials for m in t.metrics.values()}
-    if len(seeds) == 1:
-        (only,) = seeds
-        plural = "s" if len(only) > 1 else ""
-        return f"{len(only)} seed{plural} each (seed{plural} {', '.join(map(str, only))})"
-    sizes = sorted(len(s) for s in seeds)
-    return f"{sizes[0]} to {sizes[-1]} seeds each"
+def _ranked_lines(s: ModelSearch) -> list[str]:
+    rows = ranked(s)
+    if not rows:
+        return ["No complete trial.", ""]
+    keys = " | ".join(f"`{k}`" for k in s.keys)
+    lines = [f"| rank | # | trial | {keys} | score | 95% CI | n | vs best | p (Holm) | verdict |",
+             "|--:|--:|:--|" + "--:|" * len(s.keys) + "--:|--:|--:|--:|--:|:--|"]
+    for t, v in rows:
+        lines.append(f"| {v.rank} | {t.number} | {_cell(t.name)} | {_settings(t, s.keys)} | {stats.pm(t.score)} | "
+                     f"{stats.interval(t.score.ci95)} | {t.score.n} | {stats.num(v.diff, '+') if v.diff is not None else ''} | "
+                     f"{stats.p_text(v.p_holm) if v.rank > 1 else ''} | {v.verdict} |")
+    return [*lines, "", stats.tied_sentence(s.model, [_cell(t.name) for t, _ in rows], [v for _, v in rows]), ""]
 
 
-def _intro(study: str, swept: list[str], trials: list[TrialResult], base_commit: str) -> list[str]:
-    fixed = {k: v for k, v in trials[0].overrides.items() if k not in swept}
-    models = _models(trials)
-    return [f"# Study `{study}`", "",
-             f"{len(trials)} trial{'s' if len(trials) > 1 else ''} × {len(models)} models ({', '.join(models)}), "
-             f"{_seed_summary(trials)}" + (f", base commit `{base_commit[:12]}`." if base_commit else "."),
-             f"Swept: {', '.join(f'`{k}`' for k in swept)}."
-             + (f" Set in every trial: {', '.join(f'`{k}={_value(v)}`' for k, v in fixed.items())}." if fixed else ""),
-             "", "Validation accuracy is the mean ± sample std over a trial's seeds, with Student's t 95% interval of "
-             "the mean. Within each model, every trial is compared with that model's best trial by Welch's t-test; "
-             f"p-values are Holm-corrected over those comparisons and tested at {ALPHA}.", ""]
-
-
-def _best_lines(rankings: dict[str, list[Ranked]], swept: list[str]) -> list[str]:
-    lines = ["## Best trial per model", "", "| model | trial | " + " | ".join(f"`{k}`" for k in swept)
-             + " | val acc | 95% CI | n |", "|:--|:--|" + "--:|" * len(swept) + "--:|--:|--:|"]
-    for model, rows in rankings.items():
-        best = rows[0]
-        lines.append(f"| {model} | {_cell(best.trial.name)} | {_settings(best.trial, swept)} | {_pm(best.val_acc)} | "
-                     f"{_interval(best.val_acc.ci95)} | {best.val_acc.n} |")
-    order = sorted(rankings, key=lambda m: -rankings[m][0].val_acc.mean)
-    for a, b in itertools.combinations(order, 2):
-        sa, sb = rankings[a][0].val_acc, rankings[b][0].val_acc
-        ci, p = welch(sa, sb)
-        test = "one seed: no test possible" if p is None else f"95% CI {_interval(ci)}, Welch p = {p:.2g}"
-        lines += ["", f"Best {a} − best {b}: {sa.mean - sb.mean:+.4f} ({test})."]
+def _other_lines(s: ModelSearch, states: tuple[str, ...], title: str) -> list[str]:
+    rows = sorted((t for t in s.trials if t.state in states), key=lambda t: t.number)
+    if not rows:
+        return []
+    keys = " | ".join(f"`{k}`" for k in s.keys)
+    lines = [title, "", f"| # | trial | state | {keys} | epochs trained | last score |",
+             "|--:|:--|:--|" + "--:|" * len(s.keys) + "--:|--:|"]
+    for t in rows:
+        lines.append(f"| {t.number} | {_cell(t.name)} | {t.state} | {_settings(t, s.keys)} | "
+                     f"{t.epochs} of {t.full_epochs} | {stats.num(t.last_score)} |")
     return [*lines, ""]
 
 
-def _model_lines(model: str, rows: list[Ranked], swept: list[str]) -> list[str]:
-    lines = [f"## {model}: trials ranked by validation accuracy", "",
-             "| rank | trial | " + " | ".join(f"`{k}`" for k in swept)
-             + " | val acc | 95% CI | n | train acc | vs best | p (Holm) | verdict |",
-             "|--:|:--|" + "--:|" * len(swept) + "--:|--:|--:|--:|--:|--:|:--|"]
-    for r in rows:
-        m = r.trial.metrics[model]
-        diff = "" if r.diff is None else f"{r.diff:+.4f}"
-        p = "" if r.p_holm is None else f"{r.p_holm:.2g}"
-        lines.append(f"| {r.rank} | {_cell(r.trial.name)} | {_settings(r.trial, swept)} | {_pm(m.val_acc)} | "
-                     f"{_interval(m.val_acc.ci95)} | {m.val_acc.n} | {_pm(m.train_acc)} | "
-                     f"{diff} | {p} | {r.verdict} |")
-    return [*lines, "", _tied_sentence(model, rows), ""]
+def _importance_lines(s: ModelSearch) -> list[str]:
+    if not s.importances:
+        complete = sum(t.state == "COMPLETE" for t in s.trials)
+        why = ("fewer than 2 complete trials" if complete < 2 else
+               "they could not be computed (too few distinct settings, or every trial scored alike)")
+        return [f"No parameter importances for {s.model}: {why}.", ""]
+    order = sorted(s.importances, key=lambda k: (-s.importances[k], k))
+    return ["| key | importance (fANOVA) |", "|:--|--:|",
+            *(f"| `{_cell(k)}` | {s.importances[k]:.4f} |" for k in order), ""]
 
 
-def _tied_sentence(model: str, rows: list[Ranked]) -> str:
-    if len(rows) == 1:
-        return f"Only one trial trained {model}: nothing to compare."
-    if all(r.p_holm is None for r in rows[1:]):
-        return f"{model}: one seed per trial, so no test is possible; the ranking rests on single runs."
-    tied = [r.trial.name for r in rows[1:] if r.verdict == "cannot be told apart from the best"]
-    if not tied:
-        return f"{model}: every other trial is worse than the best at {ALPHA} (Holm)."
-    return (f"{model}: {len(tied)} trial{'s' if len(tied) > 1 else ''} cannot be told apart from the best "
-            f"({_cell(rows[0].trial.name)}) at {ALPHA} (Holm): {', '.join(_cell(t) for t in tied)}.")
+def _model_lines(s: ModelSearch) -> list[str]:
+    return [f"## {s.model}: search", "", "### Complete trials ranked by score", "", *_ranked_lines(s),
+            *_other_lines(s, ("PRUNED",), "### Pruned trials (stopped early; last score where they stopped)"),
+            *_other_lines(s, ("FAIL", "RUNNING", "WAITING"), "### Failed or unfinished trials"),
+            "### Parameter importances", "", *_importance_lines(s)]
 
 
-def to_markdown(study: str, swept: list[str], trials: list[TrialResult], figures: dict[str, str],
-                base_commit: str = "") -> str:
-    """The report page; `figures` maps each swept key to its PNG's file name."""
-    rankings = {model: rank_model(trials, model) for model in _models(trials)}
-    lines = _intro(study, swept, trials, base_commit) + _best_lines(rankings, swept)
-    for model, rows in rankings.items():
-        lines += _model_lines(model, rows, swept)
-    lines += ["## Validation accuracy against each swept parameter", ""]
-    lines += [f"![validation accuracy against {key}]({name})\n" for key, name in figures.items()]
-    lines += ["Every number, one row per trial and model: [trials.csv](trials.csv)."]
+def to_markdown(info: StudyInfo, searches: list[ModelSearch], found: list[tuple[str, str, Pair]],
+                figures: dict[str, str]) -> str:
+    """The report page; `figures` maps each figure's caption to its PNG's file name."""
+    lines = _header(info, searches) + _cost_lines(searches) + _final_lines(searches) + stats.pair_lines(found)
+    for s in searches:
+        lines += _model_lines(s)
+    lines += ["## Figures", "", *(f"![{caption}]({name})\n" for caption, name in figures.items()),
+              "Every number, unrounded: [trials.csv](trials.csv), [final.csv](final.csv), [pairs.csv](pairs.csv)."]
     return "\n".join(lines) + "\n"
 
 
-def _label(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else _value(value)
+def _trial_row(t: TrialRow, v: Versus | None, keys: list[str]) -> dict[str, object]:
+    s = t.score
+    return {"model": t.model, "number": t.number, "name": t.name, "state": t.state, "score_mean": s and s.mean,
+            "score_std": s and s.std, "score_n": s and s.n, "last_score": t.last_score, "epochs": t.epochs,
+            "full_epochs": t.full_epochs, "seeds": t.seeds, "rank": v and v.rank, "diff_vs_best": v and v.diff,
+            "p_welch": v and v.p_value, "p_holm": v and v.p_holm, "verdict": v and v.verdict,
+            **{k: _json(t.overrides[k]) if k in t.overrides else None for k in keys}}
 
 
-def _x_values(trials: list[TrialResult], key: str) -> list[object]:
-    values = list({_value(t.overrides[key]): t.overrides[key] for t in trials}.values())
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    return sorted(values) if numeric else values
+def trials_table(searches: list[ModelSearch]) -> pd.DataFrame:
+    """trials.csv: one row per trial of every model, the complete ones with their test against the best."""
+    keys = list(dict.fromkeys(k for s in searches for k in s.keys))
+    rows = []
+    for s in searches:
+        versus = {t.number: v for t, v in ranked(s)}
+        rows += [_trial_row(t, versus.get(t.number), keys) for t in sorted(s.trials, key=lambda t: t.number)]
+    return pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, *keys]).astype({"score_n": "Int64", "rank": "Int64"})
 
 
-def _panels(trials: list[TrialResult], key: str, swept: list[str]) -> dict[str, list[TrialResult]]:
-    """Trials grouped by the values of the other swept keys: one panel each, or one panel of all when too many."""
-    others = [k for k in swept if k != key]
-    groups: dict[str, list[TrialResult]] = {}
-    for t in trials:
-        groups.setdefault(", ".join(f"{k}={_label(t.overrides[k])}" for k in others), []).append(t)
-    return groups if len(groups) <= MAX_PANELS else {f"mean over {', '.join(others)}; bars: std of those trials": trials}
+def _final_row(s: ModelSearch, f: FinalRow) -> dict[str, object]:
+    w, ci = f.winner, f.test.ci95 or (None, None)
+    return {"model": s.model, "winner": w.name, "config": json.dumps(w.overrides, sort_keys=True),
+            "selection_mean": w.score.mean, "selection_std": w.score.std, "selection_n": w.score.n,
+            "test_mean": f.test.mean, "test_std": f.test.std, "test_ci95_low": ci[0], "test_ci95_high": ci[1],
+            "n_seeds": len(f.seeds), "seeds": " ".join(map(str, f.seeds)), "optimism": w.score.mean - f.test.mean,
+            "n_trials": sum(t.state == "COMPLETE" for t in s.trials)}
 
 
-def _point(group: list[Spread]) -> tuple[float, float, float, list[float]]:
-    """(mean, bar low, bar high, dots): one trial's 95% interval and seeds, or the spread of several trials' means."""
-    if len(group) == 1:
-        s = group[0]
-        low, high = s.ci95 or (s.mean, s.mean)
-        return s.mean, low, high, list(s.per_seed.values())
-    means = [s.mean for s in group]
-    mean = sum(means) / len(means)
-    std = math.sqrt(sum((x - mean) ** 2 for x in means) / (len(means) - 1))
-    return mean, mean - std, mean + std, means
+def final_table(searches: list[ModelSearch]) -> pd.DataFrame:
+    """final.csv: one row per model with a final phase."""
+    return pd.DataFrame([_final_row(s, s.final) for s in searches if s.final is not None], columns=FINAL_COLUMNS)
 
 
-def _series(group: list[TrialResult], model: str, key: str, xs: list[object]) -> list[tuple[int, tuple]]:
-    """(x position, point) for each value of `key` at which some trial of `group` trained `model`."""
-    out = []
-    for i, x in enumerate(xs):
-        at = [t.metrics[model].val_acc for t in group if model in t.metrics and _value(t.overrides[key]) == _value(x)]
-        if at:
-            out.append((i, _point(at)))
+def _history(s: ModelSearch) -> list[Point]:
+    return [Point(t.number, t.score.mean) if t.state == "COMPLETE" else Point(t.number, t.last_score, True)
+            for t in s.trials if t.state == "COMPLETE" or (t.state == "PRUNED" and t.last_score is not None)]
+
+
+def figures(info: StudyInfo, searches: list[ModelSearch]) -> dict[str, tuple[str, Figure]]:
+    """File name -> (caption, figure), every figure of the report."""
+    ylabel = SPLITS[info.select]
+    histories = {s.model: _history(s) for s in searches if _history(s)}
+    out = {"history.png": ("optimisation history", history_figure(histories, ylabel))}
+    for key in dict.fromkeys(k for s in searches for k in s.keys):
+        series = {s.model: [Point(t.overrides[key], t.score.mean) for t, _ in ranked(s) if key in t.overrides]
+                  for s in searches if key in s.keys}
+        name = "score_vs_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".png"
+        out[name] = (f"score against {key}", key_figure(key, series, key in info.log_keys, ylabel))
+    importances = {s.model: s.importances for s in searches if s.importances}
+    out["importances.png"] = ("parameter importances", importance_figure(importances))
+    tests = {s.model: s.final.test for s in searches if s.final is not None}
+    out["final_test.png"] = ("final refits: test accuracy per seed", final_figure(tests))
     return out
 
 
-def _draw_panel(ax: Axes, group: list[TrialResult], key: str, xs: list[object], models: list[str]) -> None:
-    for i, model in enumerate(models):
-        offset = (i - (len(models) - 1) / 2) * 0.08  # models side by side, so their bars do not overlap
-        series = _series(group, model, key, xs)
-        pos = [x + offset for x, _ in series]
-        means = [p[0] for _, p in series]
-        err = [[p[0] - p[1] for _, p in series], [p[2] - p[0] for _, p in series]]
-        bars = err if any(map(any, err)) else None  # one seed: no zero-height caps
-        bar = ax.errorbar(pos, means, yerr=bars, fmt="-o", capsize=4, markersize=5, label=model)
-        for x, (_, _, _, dots) in zip(pos, (p for _, p in series)):
-            if len(dots) > 1:
-                ax.scatter([x + 0.03] * len(dots), dots, s=10, alpha=0.4, color=bar[0].get_color(), linewidths=0)
-    ax.set_xticks(range(len(xs)), [_label(x) for x in xs])
-    ax.set(xlabel=key, xlim=(-0.4, len(xs) - 0.6))
-    ax.grid(alpha=0.3)
-
-
-def study_figure(study: str, key: str, swept: list[str], trials: list[TrialResult]) -> Figure:
-    """Validation accuracy against `key`: one line per model with its 95% interval, a panel per other setting."""
-    xs = _x_values(trials, key)
-    panels = _panels(trials, key, swept)
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(1.5 + 4.2 * cols, 0.8 + 3.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
-    for ax, (title, group) in zip(axes, panels.items()):
-        _draw_panel(ax, group, key, xs, _models(trials))
-        ax.set_title(title)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    axes[0].set_ylabel("validation accuracy")
-    axes[0].legend(title="model", loc="best")
-    n = max(m.val_acc.n for t in trials for m in t.metrics.values())
-    note = "one seed per trial: no interval" if n < 2 else "bars: 95% interval of the mean, dots: seeds"
-    fig.suptitle(f"{study}: validation accuracy vs {key}\n{note}", fontsize="medium")
-    return fig
-
-
-def _figure_name(key: str) -> str:
-    return "val_acc_vs_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".png"
-
-
-def write_study_report(out_dir: Path, study: str, swept: list[str], trials: list[TrialResult],
-                       *, base_commit: str = "") -> list[Path]:
-    """reports/studies/<name>/: report.md, trials.csv, one PNG per swept key; atomic; returns the files written.
+def write_study_report(out_dir: Path, info: StudyInfo, searches: list[ModelSearch]) -> list[Path]:
+    """Writes report.md (first in the returned list), CSVs and PNG figures atomically; returns their paths.
 
     Everything is rendered before the first file is written: bad input leaves the folder as it was.
     """
-    _check(trials, swept)
-    names = {key: _figure_name(key) for key in swept}
-    figures = {key: study_figure(study, key, swept, trials) for key in swept}
-    markdown = to_markdown(study, swept, trials, names, base_commit)
-    csv = trials_table(trials, swept).to_csv(index=False)
+    _check(info, searches)
+    found = pairs(searches)
+    drawn = figures(info, searches)
+    texts = {"report.md": to_markdown(info, searches, found, {c: n for n, (c, _) in drawn.items()}),
+             "trials.csv": trials_table(searches).to_csv(index=False),
+             "final.csv": final_table(searches).to_csv(index=False),
+             "pairs.csv": stats.pairs_table(found).to_csv(index=False)}
     out_dir = Path(out_dir)
-    written = []
-    for key, fig in figures.items():
-        with atomic_path(out_dir / names[key]) as tmp:
+    for name, (_, fig) in drawn.items():
+        with atomic_path(out_dir / name) as tmp:
             save_png(fig, tmp)
-        written.append(out_dir / names[key])
-    write_text_atomic(out_dir / "trials.csv", csv)
-    write_text_atomic(out_dir / "report.md", markdown)
-    return [out_dir / "report.md", out_dir / "trials.csv", *written]
+    for name in [*list(texts)[1:], "report.md"]:  # the page last: it links to everything else
+        write_text_atomic(out_dir / name, texts[name])
+    return [out_dir / name for name in [*texts, *drawn]]
