@@ -21,11 +21,50 @@ def record(accs: dict[int, tuple[float, float]], weights: str = "w", env: Enviro
 
 
 ORIGINAL = record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)})
+ONE_THREAD = dataclasses.replace(ENV, threads="1")  # a rerun whose weights may differ: judged on its metrics
 
 
 def test_equal_weights_are_bitwise() -> None:
     verdict = judge(ORIGINAL, ORIGINAL, 0.01, 0.01)
     assert verdict.word == "bitwise" and verdict.line.startswith("bitwise: ")
+
+
+def with_metrics(rec: RunRecord, parent: dict[str, float], seeds: dict[int, dict[str, float]]) -> RunRecord:
+    return dataclasses.replace(rec, metrics=parent, seeds={s: dataclasses.replace(r, metrics=seeds.get(s, {}))
+                                                           for s, r in rec.seeds.items()})
+
+
+def test_equal_weights_with_a_recorded_metric_that_the_rerun_does_not_log_differ_naming_it() -> None:
+    seeds = {0: {"train_acc": 0.95, "val_acc": 0.85}}
+    logged = with_metrics(ORIGINAL, {"train_acc": 0.95, "val_acc": 0.85, "seconds_per_epoch": 3.0}, seeds)
+    lying = with_metrics(ORIGINAL, {"train_acc": 0.95, "val_acc": 0.99, "seconds_per_epoch": 2.0}, seeds)
+    verdict = judge(lying, logged, 0.01, 0.01)
+    assert verdict.word == "differs" and "weights equal bit for bit" in verdict.line, verdict.line
+    assert "val_acc 0.99 recorded, 0.85 rerun" in verdict.line and "train_acc" not in verdict.line
+    assert "seconds_per_epoch" not in verdict.line  # wall clock: never equal twice
+    slower = with_metrics(ORIGINAL, {"train_acc": 0.95, "val_acc": 0.85, "seconds_per_epoch": 9.0}, seeds)
+    assert judge(slower, logged, 0.01, 0.01).word == "bitwise"
+
+
+def test_a_seed_metric_off_by_one_ulp_or_missing_from_the_record_differs_and_many_are_cut_short() -> None:
+    rerun = with_metrics(ORIGINAL, {}, {1: {"val_acc": 0.84, "gap": 0.1}})
+    nudged = with_metrics(ORIGINAL, {}, {1: {"val_acc": 0.8400000000000001}})
+    line = judge(nudged, rerun, 0.01, 0.01).line
+    assert "seed 1 val_acc 0.8400000000000001 recorded, 0.84 rerun" in line and "seed 1 gap none recorded" in line
+    many = with_metrics(ORIGINAL, {f"val_acc{end}": 0.5 for end in ("", "_std", "_min", "_max", "_n", "_ci95_low")}, {})
+    line = judge(many, ORIGINAL, 0.01, 0.01).line
+    assert line.count(" recorded, ") == 4 and line.count("; and 2 more") == 1, line
+
+
+def test_other_weights_on_an_identical_deterministic_environment_differ_whatever_the_metrics() -> None:
+    verdict = judge(ORIGINAL, record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)}, "v"), 0.01, 0.01)
+    assert verdict.word == "differs", verdict.line
+    assert "environment is identical and train.deterministic is true" in verdict.line
+    assert "the record or the code is not what it says" in verdict.line and "seeds 0, 1, 2" in verdict.line
+    off = dataclasses.replace(ENV, deterministic="False")
+    loose = judge(record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)}, env=off),
+                  record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)}, "v", off), 0.01, 0.01)
+    assert loose.word == "equivalent" and "explained by deterministic off" in loose.line, loose.line
 
 
 def test_other_threads_within_spread_are_equivalent_and_say_why() -> None:
@@ -38,16 +77,18 @@ def test_other_threads_within_spread_are_equivalent_and_say_why() -> None:
 
 
 def test_a_seed_beyond_tolerance_differs_naming_seed_metric_and_amount() -> None:
-    rerun = record({0: (0.95, 0.80), 1: (0.94, 0.84), 2: (0.96, 0.86)}, "v")
+    rerun = record({0: (0.95, 0.80), 1: (0.94, 0.84), 2: (0.96, 0.86)}, "v", ONE_THREAD)
     verdict = judge(ORIGINAL, rerun, 0.01, 0.01)
     assert verdict.word == "differs"
     assert "seed 0 val_acc 0.8000 vs 0.8500 (-0.0500, tolerance ±0.01)" in verdict.line
-    assert "no recorded environment difference explains it" in verdict.line
+    unknown = dataclasses.replace(ENV, deterministic=UNKNOWN)
+    line = judge(record({0: (0.95, 0.85)}, env=unknown), record({0: (0.95, 0.80)}, "v", unknown), 0.01, 0.01).line
+    assert "no recorded environment difference explains it" in line
 
 
 def test_a_mean_outside_the_recorded_interval_differs() -> None:
-    rerun = record({0: (0.955, 0.855), 1: (0.945, 0.845), 2: (0.965, 0.865)}, "v")
-    verdict = judge(ORIGINAL, dataclasses.replace(rerun), 0.01, 0.01)
+    rerun = record({0: (0.955, 0.855), 1: (0.945, 0.845), 2: (0.965, 0.865)}, "v", ONE_THREAD)
+    verdict = judge(ORIGINAL, rerun, 0.01, 0.01)
     assert verdict.word == "equivalent"
     narrow = dataclasses.replace(ORIGINAL, ci95={"train_acc": (0.90, 0.99), "val_acc": (0.849, 0.851)})
     assert judge(narrow, rerun, 0.01, 0.01).word == "differs"
@@ -56,7 +97,7 @@ def test_a_mean_outside_the_recorded_interval_differs() -> None:
 
 def test_one_seed_says_n_too_small() -> None:
     one = record({0: (0.95, 0.85)}, ci=None)
-    verdict = judge(one, record({0: (0.95, 0.852)}, "v", ci=None), 0.01, 0.01)
+    verdict = judge(one, record({0: (0.95, 0.852)}, "v", ONE_THREAD, ci=None), 0.01, 0.01)
     assert verdict.word == "equivalent"
     assert "n too small" in verdict.line and "TOST on val_acc at ±0.01: n too small (1 seed)" in verdict.checks
 

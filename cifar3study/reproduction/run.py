@@ -1,10 +1,11 @@
 """`make reproduce RUN=<run>`: rerun a recorded model run here and judge it against its record.
 
 RUN is a parent run's id, its name, or a DVC experiment's name (`--model`
-picks one model of an experiment that trained several). The run is looked
-up in the store of this repository (`sqlite:///<repo>/mlflow.db`) or
-MLFLOW_TRACKING_URI. Its setup is rebuilt in scratch space (see scratch.py),
-its train and evaluate stages rerun with its seeds, and the result judged
+picks one model of an experiment that trained several; a name several runs
+share is refused, listing their ids). The run is looked up in the store of
+this repository (`sqlite:///<repo>/mlflow.db`) or MLFLOW_TRACKING_URI. Its
+setup is rebuilt in scratch space (see scratch.py), its train and evaluate
+stages rerun with its seeds, and the result judged
 (see verdict.py). The original run is never written to: the verdict goes
 into a new `reproduction` run beside it (tag `reproduces`) and into
 `reports/reproductions/<run id>.md`. The last line printed is the verdict;
@@ -38,11 +39,23 @@ from cifar3study.training.device import is_available
 log = logging.getLogger("reproduce")
 TOLERANCE = 0.01  # absolute accuracy a seed's rerun may differ by from its record and still be equivalent
 MARGIN = 0.01  # TOST equivalence margin on the mean paired val_acc difference
+SHOWN_IDS = 4  # run ids an ambiguous name lists: the line stays short, the ids whole (each is what to give)
 
 
 def _search(client: MlflowClient, where: str) -> list:
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, where, order_by=["attributes.start_time DESC"]) if ids else []
+
+
+def _named(client: MlflowClient, ref: str, model: str | None) -> list:
+    """The model runs whose run name, else whose DVC experiment name, is `ref`; newest first."""
+    if "'" in ref or "\\" in ref:
+        return []
+    also = f" and tags.model = '{model}'" if model and "'" not in model else ""
+    for where in (f"attributes.run_name = '{ref}'", f"tags.`dvc.exp_name` = '{ref}'"):
+        if runs := _search(client, f"tags.kind = 'model' and {where}{also}"):
+            return runs
+    return []
 
 
 def find_run(client: MlflowClient, ref: str, model: str | None, uri: str) -> str:
@@ -52,15 +65,17 @@ def find_run(client: MlflowClient, ref: str, model: str | None, uri: str) -> str
         return found.data.tags.get("mlflow.parentRunId", ref) if found.data.tags.get("kind") == "seed" else ref
     except MlflowException:
         pass
-    if "'" not in ref and "\\" not in ref:
-        also = f" and tags.model = '{model}'" if model and "'" not in model else ""
-        for where in (f"attributes.run_name = '{ref}'", f"tags.`dvc.exp_name` = '{ref}'"):
-            runs = _search(client, f"tags.kind = 'model' and {where}{also}")
-            models = sorted({r.data.tags.get("model", "") for r in runs})
-            if len(models) > 1:
-                raise StageError(f"{quote(ref)} names runs of models {', '.join(models)}; add --model with one of them")
-            if runs:
-                return runs[0].info.run_id  # the newest, when a name was reused
+    runs = _named(client, ref, model)
+    models = sorted({r.data.tags.get("model", "") for r in runs})
+    if len(models) > 1:
+        raise StageError(f"{quote(ref)} names runs of models {', '.join(models)}; add --model with one of them")
+    if len(runs) > 1:  # a name reused (a retrained setup, a repeated experiment): which one is meant is not ours to guess
+        ids = [r.info.run_id for r in runs]
+        more = f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
+        raise StageError(f"{quote(ref)} names {len(ids)} runs, newest first: {', '.join(ids[:SHOWN_IDS])}{more}; "
+                         "give the run id of the one to reproduce")
+    if runs:
+        return runs[0].info.run_id
     raise StageError(f"no run {quote(ref)} in {uri}: give a parent run's id or name or a DVC experiment's name "
                      "(see `mlflow ui`), or set MLFLOW_TRACKING_URI to the store it was logged to")
 

@@ -1,12 +1,16 @@
 """The judgement of a rerun against its record: bitwise, equivalent or differs, and which difference explains it.
 
-- bitwise: every seed's final weights digest equals the recorded one;
+- bitwise: every seed's final weights digest equals the recorded one, and
+  every metric evaluate computes from the weights (SEED_METRICS, PARENT_METRICS) is
+  logged again with exactly the recorded value;
 - equivalent: not bitwise, but every seed's train and val accuracy is within
   `tolerance` of its record, the rerun's group means lie inside the recorded
   95% intervals, and (n >= 2 seeds) a paired TOST shows the val accuracy
   equal within `margin` at level `alpha`; with one seed there is no interval
   and no test, and the verdict says "n too small";
-- differs: anything else, naming the seeds and metrics and by how much.
+- differs: anything else, naming the seeds and metrics and by how much; also
+  equal weights with a metric that is not, and weights that differ where
+  nothing may make them differ (identical environment, deterministic training).
 """
 
 from __future__ import annotations
@@ -17,10 +21,19 @@ import statistics
 
 from scipy import stats
 
+from cifar3study.reporting.evaluation import SPREAD_KEYS
 from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord
 
 METRICS = ("train_acc", "val_acc")
 ALPHA = 0.05
+# What evaluate logs that is a function of the weights and the data alone, so equal weights must give it again bit for
+# bit: on each seed run its accuracies, gap and F1; on the parent their mean and spread over the seeds. Not compared:
+# seconds_per_epoch, group_seconds_per_epoch and images_per_second (wall clock, never equal twice) and train's
+# curves (training history, not the record's result; equal weights already say the training repeated).
+SEED_METRICS = SPREAD_KEYS
+PARENT_METRICS = tuple(f"{key}{end}" for key in SPREAD_KEYS
+                       for end in ("", "_std", "_min", "_max", "_n", "_ci95_low", "_ci95_high"))
+SHOWN = 4  # metric mismatches named in a verdict line
 # What each environment field is called in a verdict; all of them change floating-point results.
 FIELD_NAMES = {"device_type": "device type", "device": "device", "cpu_capability": "CPU capability",
                "torch": "torch version", "numpy": "numpy version", "onednn": "oneDNN version", "cuda": "CUDA version",
@@ -122,20 +135,53 @@ def _statistical_checks(seeds: list[SeedComparison], original: RunRecord, tolera
     return failures, checks
 
 
+def _shown(value: float | None) -> str:
+    return "none" if value is None else repr(value)  # the shortest text that tells any two floats apart
+
+
+def metric_mismatches(original: RunRecord, rerun: RunRecord) -> list[str]:
+    """`val_acc 0.99 recorded, 0.625 rerun`, ...: each compared metric logged on one side and not equal on the other.
+
+    A metric the rerun logs but the record lacks counts too: then the record is not what this commit's evaluate wrote.
+    """
+    sides = [("", PARENT_METRICS, original.metrics, rerun.metrics)]
+    sides += [(f"seed {seed} ", SEED_METRICS, rec.metrics, rerun.seeds[seed].metrics if seed in rerun.seeds else {})
+              for seed, rec in sorted(original.seeds.items())]
+    return [f"{where}{key} {_shown(a.get(key))} recorded, {_shown(b.get(key))} rerun"
+            for where, keys, a, b in sides for key in keys if a.get(key) != b.get(key)]
+
+
+def _bitwise(what: str, original: RunRecord, rerun: RunRecord, seeds: list[SeedComparison]) -> Verdict:
+    """Equal weights: bitwise only if every recorded metric is what the rerun logs from them."""
+    wrong = metric_mismatches(original, rerun)
+    if wrong:
+        more = f"; and {len(wrong) - SHOWN} more" if len(wrong) > SHOWN else ""
+        return Verdict("differs", f"differs: {what} weights equal bit for bit, but its recorded metrics are not what "
+                       f"the rerun computes from them: {'; '.join(wrong[:SHOWN])}{more} (the record was changed, or "
+                       "evaluated by other code)", [], seeds, wrong)
+    return Verdict("bitwise", f"bitwise: {what} reproduced bit for bit: all {len(seeds)} seeds' weights and their "
+                   "metrics equal", [], seeds, ["every seed's weights digest and evaluated metrics equal the record"])
+
+
 def judge(original: RunRecord, rerun: RunRecord, tolerance: float, margin: float) -> Verdict:
     """Bitwise, equivalent or differs, with the environment differences that explain a non-bitwise rerun."""
     seeds = compare_seeds(original, rerun)
     what = f"{original.name} ({original.run_id[:8]})"
     if all(s.weights_equal for s in seeds):
-        return Verdict("bitwise", f"bitwise: {what} reproduced bit for bit: all {len(seeds)} seeds' weights equal",
-                       [], seeds, [])
+        return _bitwise(what, original, rerun, seeds)
     reasons = env_differences(original.env, rerun.env)
     unequal = [str(s.seed) for s in seeds if not s.weights_equal]
     why = f"explained by {'; '.join(reasons)}" if reasons else "no recorded environment difference explains it"
-    if any(original.seeds[int(s)].weights == UNKNOWN for s in unequal):
+    unknown = any(original.seeds[int(s)].weights == UNKNOWN for s in unequal)
+    if unknown:
         why = "the record has no weights digest (a run older than reproducible records)"
     failures, checks = _statistical_checks(seeds, original, tolerance, margin)
     head = f"not bitwise (seeds {', '.join(unequal)}; {why})"
+    if not reasons and not unknown and original.env.deterministic == "True":
+        # Deterministic training on an identical environment repeats bit for bit (the same-box rerun test shows it).
+        return Verdict("differs", f"differs: {what} not bitwise (seeds {', '.join(unequal)}) although the environment "
+                       "is identical and train.deterministic is true: the record or the code is not what it says",
+                       reasons, seeds, checks)
     if failures:
         return Verdict("differs", f"differs: {what} {head}: {'; '.join(failures)}", reasons, seeds, checks)
     return Verdict("equivalent", f"equivalent: {what} {head}; {'; '.join(checks)}", reasons, seeds, checks)

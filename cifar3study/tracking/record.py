@@ -110,6 +110,7 @@ class SeedRecord:
     weights: str  # sha256 of the final weights (`unknown` for runs older than this record)
     train_acc: float | None  # None until the evaluate stage ran
     val_acc: float | None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # every metric's latest value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ class RunRecord:
     seeds: dict[int, SeedRecord]
     env: Environment
     ci95: dict[str, tuple[float, float] | None]  # recorded 95% interval of train_acc and val_acc means
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the parent's metrics, latest values
 
     @property
     def evaluated(self) -> bool:
@@ -139,7 +141,8 @@ class RunRecord:
 def _seed_runs(client: MlflowClient, experiment_id: str, parent: str) -> dict[int, SeedRecord]:
     found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.kind = 'seed'")
     return {int(r.data.tags["seed"]): SeedRecord(r.info.run_id, r.data.tags.get(TAG_WEIGHTS, UNKNOWN),
-                                                 r.data.metrics.get("train_acc"), r.data.metrics.get("val_acc"))
+                                                 r.data.metrics.get("train_acc"), r.data.metrics.get("val_acc"),
+                                                 dict(r.data.metrics))
             for r in found}
 
 
@@ -172,7 +175,8 @@ def read_record(client: MlflowClient, run_id: str, scratch: Path) -> RunRecord:
         tags.get("mlflow.source.git.commit", UNKNOWN), tags.get("git.dirty", UNKNOWN), exp_name,
         tags.get(TAG_BASELINE), tags.get("data.archive_md5", UNKNOWN), tags.get(TAG_CODE, UNKNOWN),
         _code_files(client, run_id, scratch), _seed_runs(client, run.info.experiment_id, run_id),
-        Environment.from_run(tags, params), {k: _ci(run.data.metrics, k) for k in ("train_acc", "val_acc")})
+        Environment.from_run(tags, params), {k: _ci(run.data.metrics, k) for k in ("train_acc", "val_acc")},
+        dict(run.data.metrics))
 
 
 def download_params(client: MlflowClient, run_id: str, scratch: Path) -> Path:

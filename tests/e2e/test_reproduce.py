@@ -1,15 +1,19 @@
 """`reproduce`: a recorded run rerun from its record in a scratch copy and judged (real git, DVC and MLflow).
 
 One committed project copy and one trained cnn run (1 epoch, seeds 0 and 1,
-tiny data) serve every test, because each rerun costs a `dvc repro`.
+tiny data) serve every test, because each rerun costs a `dvc repro`. A record
+that lies is a copy of the store (SQLite's backup) rewritten with SQL, as
+anyone with write access to it could.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -43,8 +47,30 @@ def snapshot(repo: Path, run_id: str) -> list:
 
 
 def reproductions(repo: Path, run_id: str) -> list:
-    c = client(repo)
+    return reproductions_in(client(repo), run_id)
+
+
+def reproductions_in(c: MlflowClient, run_id: str) -> list:
     return c.search_runs([e.experiment_id for e in c.search_experiments()], f"tags.reproduces = '{run_id}'")
+
+
+def store_copy(repo: Path, folder: Path, *edits: tuple[str, tuple]) -> dict[str, str]:
+    """A copy of the repo's store with SQL `edits` applied; the environment that points reproduce at it."""
+    db = folder / "copy.db"
+    with closing(sqlite3.connect(repo / "mlflow.db")) as src, closing(sqlite3.connect(db)) as dst:
+        src.backup(dst)
+        with dst:
+            for sql, args in edits:
+                assert dst.execute(sql, args).rowcount >= 1, sql
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+
+
+def copy_client(env: dict[str, str]) -> MlflowClient:
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def all_runs(c: MlflowClient) -> list:
+    return c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +132,59 @@ def test_dvc_experiment_is_reproduced_from_its_record(trained: tuple[Path, str])
     assert reproductions(repo, run.info.run_id)
 
 
+def test_a_recorded_metric_that_lies_differs_though_the_weights_are_equal(trained: tuple[Path, str],
+                                                                          tmp_path: Path) -> None:
+    repo, run_id = trained
+    latest = "(SELECT step, timestamp FROM latest_metrics WHERE run_uuid = ? AND key = 'val_acc')"
+    env = store_copy(repo, tmp_path,
+                     ("UPDATE latest_metrics SET value = 0.99 WHERE run_uuid = ? AND key = 'val_acc'", (run_id,)),
+                     (f"UPDATE metrics SET value = 0.99 WHERE run_uuid = ? AND key = 'val_acc' AND (step, timestamp) = "
+                      f"{latest}", (run_id, run_id)))
+    assert copy_client(env).get_run(run_id).data.metrics["val_acc"] == 0.99
+    earlier = len(reproductions_in(copy_client(env), run_id))
+    done = reproduce(repo, run_id, env=env)
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 1 and line.startswith("differs: "), line
+    assert "weights equal bit for bit" in line and "val_acc 0.99 recorded" in line, line
+    assert "seconds_per_epoch" not in line and "train_acc" not in line  # timing is not compared; the rest matched
+    newest, *rest = reproductions_in(copy_client(env), run_id)  # newest first
+    assert newest.data.tags["verdict"] == "differs" and len(rest) == earlier
+
+
+def test_a_weights_digest_that_lies_on_an_identical_box_differs(trained: tuple[Path, str], tmp_path: Path) -> None:
+    repo, run_id = trained
+    assert client(repo).get_run(run_id).data.params["train.deterministic"] == "True"
+    seed0 = client(repo).search_runs([client(repo).get_run(run_id).info.experiment_id],
+                                     f"tags.`mlflow.parentRunId` = '{run_id}' and tags.seed = '0'")[0].info.run_id
+    env = store_copy(repo, tmp_path, ("UPDATE tags SET value = ? WHERE run_uuid = ? AND key = 'weights.sha256'",
+                                      ("0" * 64, seed0)))
+    done = reproduce(repo, run_id, env=env)
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 1 and line.startswith("differs: "), line
+    assert "not bitwise (seeds 0)" in line and "environment is identical and train.deterministic is true" in line
+    assert "the record or the code is not what it says" in line, line
+
+
+def test_a_name_several_runs_share_is_refused_listing_their_ids(trained: tuple[Path, str], tmp_path: Path) -> None:
+    repo, run_id = trained
+    env = store_copy(repo, tmp_path)
+    copy = copy_client(env)
+    original = copy.get_run(run_id)
+    for _ in range(5):  # older namesakes: the newest is the real run, which the old lookup took silently
+        copy.create_run(original.info.experiment_id, start_time=1, run_name=original.info.run_name,
+                        tags={"kind": "model", "model": "cnn"})
+    named = copy.search_runs([original.info.experiment_id], f"attributes.run_name = '{original.info.run_name}' and "
+                             "tags.kind = 'model'", order_by=["attributes.start_time DESC"])
+    ids = [r.info.run_id for r in named]
+    reports = sorted((repo / "reports").rglob("*"))
+    before = [(r.info.run_id, r.info.status, r.data.tags) for r in all_runs(copy)]
+    line = last_line(reproduce(repo, original.info.run_name, env=env))
+    assert f"'{original.info.run_name}' names {len(ids)} runs, newest first: {', '.join(ids[:4])} and " \
+           f"{len(ids) - 4} more; give the run id" in line, line
+    assert [(r.info.run_id, r.info.status, r.data.tags) for r in all_runs(copy)] == before
+    assert sorted((repo / "reports").rglob("*")) == reports
+
+
 def test_unknown_run_is_refused(trained: tuple[Path, str]) -> None:
     repo, run_id = trained
     before = snapshot(repo, run_id), len(reproductions(repo, run_id))
@@ -157,3 +236,4 @@ def test_run_whose_commit_is_not_in_this_repo_is_refused(trained: tuple[Path, st
     line = last_line(reproduce(repo, run_id))
     assert f"commit '{gone}'" in line and "not in this repository" in line and "git fetch" in line, line
     assert snapshot(repo, run_id) == before and not reproductions(repo, run_id)
+
