@@ -35,6 +35,9 @@ MAX_SEEDS = 64  # a spread needs a handful; the group trains together, so memory
 MAX_EPOCHS = 10_000  # 100x the default, 12 h per FC seed on 2 CPU cores: more is a typo
 MAX_BATCH = 60_000  # all of CIFAR-10 (50,000 + 10,000 images): a larger batch is the same whole split
 MAX_YAML_DEPTH = 50  # params.yaml nests 3 deep; deeper documents would only exhaust the parser's recursion
+# Timers and socket timeouts overflow (a traceback from a thread) long before a finite float runs out.
+MAX_TIMEOUT = 3_600  # s, an hour without a byte is a dead server
+MAX_DEADLINE = 86_400  # s, a day: the archive is 163 MB, 2 KB/s would still fit
 
 
 class ParamError(StageError):
@@ -58,9 +61,10 @@ class DataParams:
 
     def validate(self, prefix: str) -> None:
         _check(MD5_PATTERN.fullmatch(self.md5) is not None, f"{prefix}.md5", "must be 32 lowercase hex digits")
-        _check(self.timeout > 0, f"{prefix}.timeout", "must be > 0 seconds")
+        _check(0 < self.timeout <= MAX_TIMEOUT, f"{prefix}.timeout", f"must be > 0 and at most {MAX_TIMEOUT} seconds")
         _check(self.retries >= 1, f"{prefix}.retries", "must be >= 1")
-        _check(self.deadline >= self.timeout, f"{prefix}.deadline", "must be >= data.timeout seconds")
+        _check(self.timeout <= self.deadline <= MAX_DEADLINE, f"{prefix}.deadline",
+               f"must be >= data.timeout seconds and at most {MAX_DEADLINE} (a day)")
         _check(len(self.classes) >= 2, f"{prefix}.classes", "must name at least 2 classes")
         _check(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", "must not repeat a class")
 

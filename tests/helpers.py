@@ -155,6 +155,22 @@ def run_stage(name: str, *args: object, env: dict[str, str] | None = None, timeo
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
+# Runs a command and prints the largest resident set of it (KiB on Linux): a fresh process has no other children.
+PEAK_RSS = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "sys.stderr.write(done.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.exit(done.returncode)")
+GIB_IN_KIB = 1 << 20
+
+
+def with_peak_rss(stage: str, *args: object, env: dict[str, str] | None = None) \
+        -> tuple[subprocess.CompletedProcess, int]:
+    """Run a stage as a process, as `run_stage` does; its result and its peak resident set in KiB."""
+    command = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", f"stages.{stage}", *map(str, args)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    return done, int(done.stdout.split()[-1])
+
+
 def last_line(done: subprocess.CompletedProcess) -> str:
     """The stage's final stderr line, after checking it failed with one line and no traceback."""
     assert done.returncode != 0, done.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import torch
 from cifar3study.data.dataset import ChannelStats
 from cifar3study.errors import StageError
 from cifar3study.params import ModelParams
-from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from cifar3study.training.checkpoint import (
+    CheckpointMeta,
+    build_models,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from cifar3study.training.models import build_model
 from tests.helpers import CIFAR3_CLASSES
 
@@ -87,3 +94,31 @@ def test_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
     save_checkpoint(path, group(), META)
     with pytest.raises(StageError, match=r"models\.cnn says channels=\[4, 4\]; .*train@cnn"):
         load_checkpoint(path, dataclasses.replace(CNN, channels=(4, 4)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_an_unloadable_file_is_refused_in_our_words(tmp_path: Path, damage: str) -> None:
+    """torch's own refusal ran to 373-388 characters ending in advice to load with weights_only=False, the unsafe
+    action for exactly these files (issue 25): one short line, no such advice."""
+    path = tmp_path / "cnn.pt"
+    if damage == "truncated":
+        save_checkpoint(path, group(), META)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"format": 2, "config": argparse.Namespace(arch="cnn")}, path)  # an object beyond tensors
+    with pytest.raises(StageError) as refused:
+        load_checkpoint(path, CNN)
+    message = str(refused.value)
+    assert message.startswith(f"{path} is not a checkpoint of this project (unreadable: cut short, ")
+    assert "weights_only" not in message and "trust" not in message and "train@cnn" in message
+    assert len(message) - len(str(path)) < 200 and "\n" not in message
+
+
+def test_read_checkpoint_checks_the_config_without_building_models(tmp_path: Path) -> None:
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, group(), META)
+    checkpoint = read_checkpoint(path, CNN)
+    assert checkpoint.meta == META and len(checkpoint.states) == 2
+    assert list(build_models(checkpoint)) == [0, 7]
+    with pytest.raises(StageError, match=r"params\.yaml's models\.fc says"):
+        read_checkpoint(path, ModelParams(arch="fc", activation="tanh", hidden=(8,)), "fc")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import re
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,45 @@ def test_split_that_cannot_train_is_refused(tmp_path: Path, labels: np.ndarray, 
     write_split(tmp_path / "train.npz", split)
     with pytest.raises(StageError, match=re.escape(needle)):
         read_split(tmp_path / "train.npz")
+
+
+def npz_with_headers(path: Path, headers: dict[str, tuple[str, tuple[int, ...]]]) -> Path:
+    """An .npz whose members hold only an .npy header (dtype, shape) and a few bytes: what a hostile file can claim."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, (descr, shape) in headers.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", header.getvalue() + b"\0" * 64)
+    return path
+
+
+VALID_HEADERS = {"images": ("|u1", (4, 3, 32, 32)), "labels": ("<i8", (4,)), "classes": ("<U10", (3,)),
+                 "source_md5": ("<U32", ())}
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    # 3e15 images' worth of bytes: np.load died allocating them, `unexpected MemoryError` (issue 25)
+    ({"images": ("|u1", (100_000_000_000, 3, 32, 32))}, "images declared uint8 (100000000000, 3, 32, 32), not uint8"),
+    ({"images": ("|u1", (60_001, 3, 32, 32))}, "with N 1 to 60,000"),
+    ({"images": ("<f8", (4, 3, 32, 32))}, "images declared float64"),
+    ({"labels": ("<i8", (10**15,))}, "labels declared int64 (1000000000000000,), not int64 of length 4"),
+    ({"classes": ("<U10", (10**12,))}, "classes declared <U10 (1000000000000,), not 1 to 10 short names"),
+    ({"classes": ("<U1000000", (3,))}, "classes declared <U1000000 (3,), not 1 to 10 short names"),
+    ({"source_md5": ("<U32", (10**9,))}, "source_md5 declared <U32 (1000000000,), not one MD5"),
+])
+def test_a_split_declaring_what_no_split_holds_is_refused_unread(tmp_path: Path, change: dict, needle: str) -> None:
+    path = npz_with_headers(tmp_path / "train.npz", {**VALID_HEADERS, **change})
+    tracemalloc.start()
+    try:
+        with pytest.raises(StageError, match=re.escape(needle)) as refused:
+            read_split(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and len(str(refused.value)) < 400 and "rerun `dvc repro cifar3`" in str(refused.value)
+
+
+def test_a_split_with_other_members_is_refused(tmp_path: Path) -> None:
+    path = npz_with_headers(tmp_path / "train.npz", {**VALID_HEADERS, "extra": ("|u1", (1,))})
+    with pytest.raises(StageError, match=r"cannot read split .*members .*expected images\.npy"):
+        read_split(path)

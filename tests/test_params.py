@@ -52,6 +52,9 @@ def test_repo_params_load_and_every_field_is_set(raw: dict) -> None:
     (("train", "lr"), float("nan"), "train.lr must be a finite number"),
     (("data", "timeout"), float("inf"), "data.timeout must be a finite number"),
     (("data", "deadline"), 1, "data.deadline must be >= data.timeout"),
+    # Finite, so accepted: the download then died with an OverflowError traceback from its timer thread (issue 25).
+    (("data", "timeout"), 1e300, "data.timeout must be > 0 and at most 3600 seconds"),
+    (("data", "deadline"), 1e300, "data.deadline must be >= data.timeout seconds and at most 86400"),
     (("train", "seeds"), [0, 2**32], "train.seeds must be between 0 and 4294967295"),
     (("train", "seeds"), [], "train.seeds must list at least one seed"),
     (("train", "seeds"), [1, 2, 1], "train.seeds must not repeat a seed"),

@@ -26,8 +26,12 @@ def test_round_trip(tmp_path: Path) -> None:
     ({"seconds_per_epoch": "fast"}, "seconds_per_epoch is 'fast', not a float"),
     ({"run_id": "../../etc"}, "run_id '../../etc' is not an MLflow run id"),
     ({"seed_runs": {"0": "x"}}, r"seed_runs\[0\] 'x' is not an MLflow run id"),
-    ({"seed_runs": {"zero": "b" * 32}}, "seed_runs must map seeds to run ids"),
+    ({"seed_runs": {"zero": "b" * 32}}, "seed_runs key 'zero' is not a seed"),
     ({"seed_runs": {}}, "seed_runs must map seeds to run ids"),
+    # These died as `unexpected ValueError` in int() (issue 25): '²' passes str.isdigit(), 5,000 digits int()'s limit.
+    ({"seed_runs": {"²": "b" * 32}}, r"seed_runs key '²' is not a seed \(0 to 4294967295\)"),
+    ({"seed_runs": {"9" * 5000: "b" * 32}}, r"seed_runs key '9{76}\.\.\. is not a seed"),
+    ({"seed_runs": {"4294967296": "b" * 32}}, "seed_runs key '4294967296' is not a seed"),
 ])
 def test_malformed_field_is_named(tmp_path: Path, change: dict, needle: str) -> None:
     write_run_info(tmp_path / "r.json", INFO)

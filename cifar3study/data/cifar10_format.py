@@ -13,6 +13,9 @@ VAL_BATCH = "test_batch"
 META = "batches.meta"
 IMAGE_BYTES = 3 * 32 * 32  # one image as uint8 RGB planes
 IMAGES_PER_BATCH = 10_000  # every batch file holds exactly this many
+NUM_CLASSES = 10
+TRAIN_IMAGES_PER_CLASS = 5_000  # the 5 training batches hold 50,000 images, 5,000 of each class
+MAX_CLASS_NAME = 10  # characters of the longest label name ("automobile")
 
 MAX_MEMBERS = 16  # the archive has 9 (a folder, 6 batches, the meta file, a readme)
 MAX_MEMBER_BYTES = 32 << 20  # a batch pickle is 31.0 MB (10,000 x 3,072 bytes plus labels and file names)

@@ -2,7 +2,8 @@
 
 A split is an .npz of uint8 images (N x 3 x 32 x 32), int64 labels 0..k-1,
 the class names in label order, and the MD5 of the archive it came from;
-it loads with allow_pickle=False. The stats file is JSON: per-channel mean
+it loads with allow_pickle=False, once each member's .npy header has shown
+shapes and types a CIFAR-10 split can have (a header may claim petabytes). The stats file is JSON: per-channel mean
 and sample std of the training images scaled to [0, 1].
 """
 
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar3study.errors import StageError
+from cifar3study.data.cifar10_format import IMAGES_PER_BATCH, MAX_CLASS_NAME, NUM_CLASSES, TRAIN_BATCHES
+from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import atomic_path, write_json_atomic
+
+MAX_IMAGES = IMAGES_PER_BATCH * (len(TRAIN_BATCHES) + 1)  # all of CIFAR-10, training and test batches
+MEMBERS = ("images.npy", "labels.npy", "classes.npy", "source_md5.npy")
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +52,50 @@ def _problem(split: Split) -> str | None:
     return f"no image of class {empty[0]!r}" if empty else None
 
 
+def _header(z: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy member, from its header alone (bounded by numpy's max_header_size)."""
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in NPY_HEADERS:
+            raise ValueError(f"{member} is .npy format {version}, not 1.0 or 2.0")
+        shape, _, dtype = NPY_HEADERS[version](f)
+    return shape, dtype
+
+
+def _declared_problem(headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """What the headers declare that no CIFAR-3 split holds, if anything: checked before numpy allocates it."""
+    (images, images_type), (labels, labels_type) = headers["images.npy"], headers["labels.npy"]
+    (classes, classes_type), (md5, md5_type) = headers["classes.npy"], headers["source_md5.npy"]
+    if images_type != np.uint8 or len(images) != 4 or images[1:] != (3, 32, 32) or not 0 < images[0] <= MAX_IMAGES:
+        return f"images declared {images_type} {quote(images)}, not uint8 N x 3 x 32 x 32 with N 1 to {MAX_IMAGES:,}"
+    if labels_type != np.int64 or labels != images[:1]:
+        return f"labels declared {labels_type} {quote(labels)}, not int64 of length {images[0]}"
+    names_ok = classes_type.kind == "U" and classes_type.itemsize <= 4 * MAX_CLASS_NAME  # 4 bytes a character
+    if not (names_ok and len(classes) == 1 and 1 <= classes[0] <= NUM_CLASSES):
+        return f"classes declared {classes_type} {quote(classes)}, not 1 to {NUM_CLASSES} short names"
+    if md5_type.kind != "U" or md5_type.itemsize > 4 * 32 or md5 != ():
+        return f"source_md5 declared {md5_type} {quote(md5)}, not one MD5"
+    return None
+
+
+def _check_declared(path: Path) -> None:
+    """Refuse a split whose members are not the four a split has, or declare shapes no split has, unread."""
+    with zipfile.ZipFile(path) as z:
+        if sorted(z.namelist()) != sorted(MEMBERS):
+            raise ValueError(f"members {quote(z.namelist())}, expected {', '.join(MEMBERS)}")
+        problem = _declared_problem({member: _header(z, member) for member in MEMBERS})
+    if problem:
+        raise StageError(f"{path} is not a usable split ({problem}); rerun `dvc repro cifar3`")
+
+
 def read_split(path: Path) -> Split:
     """A split, checked: uint8 images, int64 labels in range, every class present."""
     try:
+        _check_declared(path)
         with np.load(path, allow_pickle=False) as z:
             split = Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), str(z["source_md5"]))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise StageError(f"cannot read split {path} ({err}); rerun `dvc repro cifar3`") from err
+        raise StageError(f"cannot read split {path} ({one_line(err, 160)}); rerun `dvc repro cifar3`") from err
     problem = _problem(split)
     if problem:
         raise StageError(f"{path} is not a usable split ({problem}); rerun `dvc repro cifar3`")

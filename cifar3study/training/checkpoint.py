@@ -1,7 +1,8 @@
 """The checkpoint format: every seed's weights plus what it takes to rebuild and feed them, read back typed.
 
 A checkpoint is a `torch.save` of plain tensors, strings, numbers and lists,
-so it loads with `weights_only=True` (no pickle of code). Every reader names
+so it loads with `weights_only=True` (no pickle of code; a file that needs
+more is refused, never loaded another way). Every reader names
 the params.yaml entry it expects, and a file holding another architecture is
 refused before any model is built from it.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from cifar3study.data.dataset import ChannelStats
-from cifar3study.errors import StageError
+from cifar3study.errors import StageError, one_line
 from cifar3study.files import atomic_path
 from cifar3study.params import ModelParams
 from cifar3study.training.models import build_model
@@ -66,25 +67,61 @@ def _check_config(path: Path, found: ModelParams, expected: ModelParams, name: s
                          f"(dvc repro -f train@{name})")
 
 
-def load_checkpoint(path: Path, expected: ModelParams, name: str | None = None) \
-        -> tuple[dict[int, nn.Module], CheckpointMeta]:
-    """({seed: model on the CPU in eval mode}, metadata), refused unless its architecture is `expected`.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read and checked, its models not yet built."""
+
+    path: Path
+    meta: CheckpointMeta
+    states: list[dict[str, torch.Tensor]]  # each seed's weights, in meta.seeds order
+
+
+def _payload(path: Path, name: str) -> dict:
+    """The file's contents, loaded weights-only; any failure in our words (torch's advice would be to unpickle it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # cut short, not a torch file, or objects beyond tensors: never loaded otherwise
+        raise StageError(f"{path} is not a checkpoint of this project (unreadable: cut short, not a torch file, or "
+                         f"holding objects other than tensors and plain values; {type(err).__name__}); "
+                         f"rerun its train stage (dvc repro -f train@{name})") from err
+
+
+def read_checkpoint(path: Path, expected: ModelParams, name: str | None = None) -> Checkpoint:
+    """The file's metadata and weights, refused unless its architecture is `expected`; no model is built.
 
     `name` is the models entry `expected` comes from; by default the file's stem, as dvc.yaml names checkpoints.
     """
     name = name or Path(path).stem
+    payload = _payload(path, name)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         meta = _meta(payload)
-        _check_config(path, meta.config, expected, name)
-        models = {}
-        for seed, state in zip(meta.seeds, payload["states"], strict=True):
-            models[seed] = build_model(meta.config, len(meta.classes))
+        states = list(payload["states"])
+        if len(states) != len(meta.seeds):
+            raise ValueError(f"{len(states)} weight sets for {len(meta.seeds)} seeds")
+    except Exception as err:  # a foreign file that loads: one line, not a traceback
+        raise StageError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {one_line(err, 120)}); "
+                         f"rerun its train stage (dvc repro -f train@{name})") from err
+    _check_config(path, meta.config, expected, name)
+    return Checkpoint(Path(path), meta, states)
+
+
+def build_models(checkpoint: Checkpoint, name: str | None = None) -> dict[int, nn.Module]:
+    """{seed: model on the CPU in eval mode} of a checkpoint read by `read_checkpoint`."""
+    models = {}
+    try:
+        for seed, state in zip(checkpoint.meta.seeds, checkpoint.states, strict=True):
+            models[seed] = build_model(checkpoint.meta.config, len(checkpoint.meta.classes))
             models[seed].load_state_dict(state)
             models[seed].eval()
-    except StageError:
-        raise
-    except Exception as err:  # any unreadable or foreign file: one line, not a traceback
-        raise StageError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {str(err)[:200]}); "
-                         f"rerun its train stage (dvc repro -f train@{name})") from err
-    return models, meta
+    except Exception as err:  # weights of another shape or type
+        raise StageError(f"{checkpoint.path} is not a checkpoint of this project ({type(err).__name__}: "
+                         f"{one_line(err, 120)}); rerun its train stage "
+                         f"(dvc repro -f train@{name or checkpoint.path.stem})") from err
+    return models
+
+
+def load_checkpoint(path: Path, expected: ModelParams, name: str | None = None) \
+        -> tuple[dict[int, nn.Module], CheckpointMeta]:
+    """({seed: model on the CPU in eval mode}, metadata), refused unless its architecture is `expected`."""
+    checkpoint = read_checkpoint(path, expected, name)
+    return build_models(checkpoint, name), checkpoint.meta

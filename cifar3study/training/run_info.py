@@ -9,8 +9,10 @@ from pathlib import Path
 
 from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import read_capped, write_json_atomic
+from cifar3study.params import MAX_SEED
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+SEED_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() passes '²', which int() refuses
 MAX_RECORD_BYTES = 64 << 10  # a real record is under 4 KiB even with a hundred seeds; a bigger file is not read at all
 
 
@@ -50,6 +52,12 @@ def _run_id(path: Path, value: object, what: str) -> str:
     return value
 
 
+def _seed(path: Path, key: str) -> int:
+    if not (SEED_KEY.fullmatch(key) and int(key) <= MAX_SEED):
+        raise StageError(f"{path}: seed_runs key {quote(key)} is not a seed (0 to {MAX_SEED}); rerun its train stage")
+    return int(key)
+
+
 def read_run_info(path: Path) -> RunInfo:
     """The record, every field checked for presence and type before anyone uses it."""
     try:
@@ -67,7 +75,7 @@ def read_run_info(path: Path) -> RunInfo:
     scalars = {key: _field(path, raw, key, kind) for key, kind in _SCALARS.items()}
     _run_id(path, scalars["run_id"], "run_id")
     seeds = _field(path, raw, "seed_runs", dict)
-    if not seeds or not all(isinstance(k, str) and k.isdigit() for k in seeds):
+    if not seeds:
         raise StageError(f"{path}: seed_runs must map seeds to run ids; rerun its train stage")
-    seed_runs = {int(seed): _run_id(path, run, f"seed_runs[{seed}]") for seed, run in seeds.items()}
+    seed_runs = {_seed(path, seed): _run_id(path, run, f"seed_runs[{seed}]") for seed, run in seeds.items()}
     return RunInfo(seed_runs=seed_runs, **scalars)

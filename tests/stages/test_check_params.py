@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT, last_line, run_stage
+from tests.helpers import GIB_IN_KIB, ROOT, last_line, run_stage, with_peak_rss
 
-# Runs a command and prints the largest resident set of it (KiB on Linux): a fresh process has no other children.
-PEAK_RSS = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "sys.stderr.write(done.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-            "sys.exit(done.returncode)")
-GIB_IN_KIB = 1 << 20
 # `import torch` (a CUDA build) and mlflow alone make train's resident set 1.0 GiB before it reads params.yaml;
 # a refusal may add this much to that, a fraction of one 65,536-wide layer's weights.
 REFUSAL_KIB = 256 << 10
@@ -35,13 +29,6 @@ def params_file(tmp_path: Path, edit: dict[tuple[str, ...], object]) -> Path:
 
 def check(params: Path, out: Path) -> subprocess.CompletedProcess:
     return run_stage("check_params", "--params", params, "--out", out)
-
-
-def with_peak_rss(stage: str, *args: object) -> tuple[subprocess.CompletedProcess, int]:
-    """Run a stage as a process; its result and its peak resident set in KiB."""
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, sys.executable, "-m", f"stages.{stage}", *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return done, int(done.stdout.split()[-1])
 
 
 def train_args(tmp_path: Path, params: Path, model: str) -> list[object]:

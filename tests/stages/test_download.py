@@ -65,3 +65,16 @@ def test_malformed_md5_override_stops_before_any_request(http_server, tmp_path: 
     line = last_line(download(tmp_path, {"CIFAR10_URL": http_server.url(NAME), "CIFAR10_MD5": "not-an-md5" * 1000}))
     assert "CIFAR10_MD5" in line and "32 hex digits" in line and len(line) < 400
     assert http_server.requests == [] and not (tmp_path / "raw").exists()
+
+
+def test_a_finite_but_huge_timeout_is_refused_before_any_request(http_server, tmp_path: Path) -> None:
+    """data.timeout 1e300 passed as finite; the download died with an OverflowError traceback from its timer (issue 25)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update({"timeout": 1e300, "deadline": 1e300})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    http_server.files[f"/{NAME}"] = b"not an archive"
+    done = download(tmp_path, {"CIFAR10_URL": http_server.url(NAME), "CIFAR10_MD5": "0" * 32}, params)
+    line = last_line(done)
+    assert "data.timeout must be > 0 and at most 3600 seconds" in line and done.returncode == 1
+    assert http_server.requests == [] and not (tmp_path / "raw").exists()

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from cifar3study.reporting.evaluation import read_metrics
-from tests.helpers import last_line, run_stage
+from tests.helpers import GIB_IN_KIB, last_line, run_stage, with_peak_rss
 from tests.stages.conftest import Outputs
 
 
@@ -97,3 +104,73 @@ def test_the_cnn_checkpoint_is_refused_as_fc_before_anything_is_logged(outputs: 
     assert "train@fc" in line
     assert metric_counts(client, info) == before
     assert not (tmp_path / "out").exists()
+
+
+def evaluate_with_peak(outputs: Outputs, tmp_path: Path, **paths: Path) -> tuple[str, int]:
+    """Evaluate the cnn with some inputs replaced; its one refusal line (exit 1) and peak resident set in KiB."""
+    files = {"checkpoint": outputs.root / "models" / "cnn.pt", "run_info": outputs.root / "runs" / "cnn.json",
+             "train": outputs.data / "train.npz", "val": outputs.data / "val.npz", **paths}
+    out = tmp_path / "out"
+    done, peak_kib = with_peak_rss(
+        "evaluate", "--params", outputs.params, "--model", "cnn", *(a for k, v in files.items()
+                                                                    for a in (f"--{k.replace('_', '-')}", v)),
+        "--metrics", out / "m.json", "--per-class", out / "pc.json", "--confusion", out / "c.csv", env=outputs.env())
+    line = last_line(done)
+    assert done.returncode == 1 and "unexpected" not in line and not out.exists(), line
+    return line, peak_kib
+
+
+@pytest.fixture(scope="module")
+def torch_import_kib() -> int:
+    """Peak resident set of a process that imports torch and nothing else."""
+    code = "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+# A refusal of params, run-info or a split reads a few files: Python, YAML and numpy. It peaked at 1.05 GiB, the
+# stage's whole footprint (torch, MLflow, scikit-learn), before they were imported after the checks (issue 25).
+CHEAP_REFUSAL_KIB = 200 << 10
+# A checkpoint refusal needs torch to read the file; MLflow and scikit-learn stay unimported.
+CHECKPOINT_REFUSAL_KIB = 128 << 10
+
+
+@pytest.mark.parametrize(("key", "needle"), [
+    ("9" * 5000, "seed_runs key '99999"),  # `unexpected ValueError` from int() (issue 25)
+    ("²", "seed_runs key '²' is not a seed (0 to 4294967295); rerun its train stage"),
+])
+def test_a_run_info_seed_key_that_is_no_seed_is_a_named_refusal(outputs: Outputs, tmp_path: Path, key: str,
+                                                                needle: str) -> None:
+    info = json.loads((outputs.root / "runs" / "cnn.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps({**info, "seed_runs": {key: "a" * 32}}))
+    line, peak_kib = evaluate_with_peak(outputs, tmp_path, run_info=tmp_path / "r.json")
+    assert needle in line and "r.json: seed_runs key" in line and len(line) < 300
+    assert peak_kib < CHEAP_REFUSAL_KIB, f"{peak_kib / GIB_IN_KIB:.2f} GiB"
+
+
+def test_a_split_declaring_petabytes_is_refused_unread(outputs: Outputs, tmp_path: Path) -> None:
+    """Its header declares 3e15 images' bytes: `unexpected MemoryError` before (issue 25)."""
+    with zipfile.ZipFile(tmp_path / "val.npz", "w") as z:
+        for name, descr, shape in (("images", "|u1", (10**11, 3, 32, 32)), ("labels", "<i8", (10**11,)),
+                                   ("classes", "<U10", (3,)), ("source_md5", "<U32", ())):
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", header.getvalue())
+    line, peak_kib = evaluate_with_peak(outputs, tmp_path, val=tmp_path / "val.npz")
+    assert "val.npz is not a usable split (images declared uint8 (100000000000, 3, 32, 32)" in line
+    assert "rerun `dvc repro cifar3`" in line
+    assert peak_kib < CHEAP_REFUSAL_KIB, f"{peak_kib / GIB_IN_KIB:.2f} GiB"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_an_unloadable_checkpoint_is_one_short_line_without_unsafe_advice(
+        outputs: Outputs, tmp_path: Path, torch_import_kib: int, damage: str) -> None:
+    """torch's refusal (373-388 characters) ended advising weights_only=False, the unsafe load (issue 25)."""
+    path = tmp_path / "cnn.pt"
+    if damage == "truncated":
+        path.write_bytes((outputs.root / "models" / "cnn.pt").read_bytes()[:4096])
+    else:
+        torch.save({"format": 2, "config": argparse.Namespace(arch="cnn")}, path)  # pickles an object
+    line, peak_kib = evaluate_with_peak(outputs, tmp_path, checkpoint=path)
+    assert f"{path} is not a checkpoint of this project (unreadable: cut short" in line and "train@cnn" in line
+    assert "weights_only" not in line and len(line.split("error: ", 1)[1]) - len(str(path)) < 200
+    assert peak_kib - torch_import_kib < CHECKPOINT_REFUSAL_KIB, f"{peak_kib / GIB_IN_KIB:.2f} GiB"
