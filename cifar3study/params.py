@@ -38,6 +38,10 @@ MAX_YAML_DEPTH = 50  # params.yaml nests 3 deep; deeper documents would only exh
 # Timers and socket timeouts overflow (a traceback from a thread) long before a finite float runs out.
 MAX_TIMEOUT = 3_600  # s, an hour without a byte is a dead server
 MAX_DEADLINE = 86_400  # s, a day: the archive is 163 MB, 2 KB/s would still fit
+MAX_HOLDOUT = 0.5  # fraction of the training images held out; more would train on less than is held out
+# CIFAR-10's training images of each class (data/cifar10_format.py; params sits below the data layer, a test keeps
+# the two equal): data.holdout is checked against it before any split exists, the train stage against the split.
+TRAIN_IMAGES_PER_CLASS = 5_000
 
 
 class ParamError(StageError):
@@ -58,6 +62,8 @@ class DataParams:
     retries: int
     deadline: float
     classes: tuple[str, ...]
+    holdout: float  # fraction of each class's training images held out for selection; 0: none (evaluate on val)
+    holdout_seed: int
 
     def validate(self, prefix: str) -> None:
         _check(MD5_PATTERN.fullmatch(self.md5) is not None, f"{prefix}.md5", "must be 32 lowercase hex digits")
@@ -67,6 +73,8 @@ class DataParams:
                f"must be >= data.timeout seconds and at most {MAX_DEADLINE} (a day)")
         _check(len(self.classes) >= 2, f"{prefix}.classes", "must name at least 2 classes")
         _check(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", "must not repeat a class")
+        _check(0 <= self.holdout <= MAX_HOLDOUT, f"{prefix}.holdout", f"must be 0 (none) to {MAX_HOLDOUT}")
+        _check(0 <= self.holdout_seed <= MAX_SEED, f"{prefix}.holdout_seed", f"must be between 0 and {MAX_SEED}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +257,17 @@ def parse_params(raw: object) -> Params:
     drawn = params.models.get(params.visualize.model)
     _check(drawn is not None and drawn.arch == "cnn", "visualize.model", "must name a model with arch: cnn")
     _check(params.visualize.seed in params.train.seeds, "visualize.seed", "must be one of train.seeds")
+    _check_holdout_batches(params.data.holdout, params.train.batch_size)
     return params
+
+
+def _check_holdout_batches(holdout: float, batch_size: int) -> None:
+    """Both parts of each class hold a training batch or more (counted as data.dataset.holdout_count rounds)."""
+    held = round(TRAIN_IMAGES_PER_CLASS * holdout)
+    if holdout > 0 and min(held, TRAIN_IMAGES_PER_CLASS - held) < batch_size:
+        raise ParamError(f"params.yaml: data.holdout {holdout:g} holds out {held} of each class's "
+                         f"{TRAIN_IMAGES_PER_CLASS:,} training images, fewer than one batch (train.batch_size "
+                         f"{batch_size}); raise data.holdout or lower train.batch_size")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -10,6 +10,7 @@ too, so editing a figure redraws them without retraining anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import mlflow
 from matplotlib.figure import Figure
 
 from cifar3study.cli import run_stage
+from cifar3study.errors import StageError
 from cifar3study.files import atomic_path, write_text_atomic
 from cifar3study.params import load_params
 from cifar3study.reporting import evaluation, figures, report
@@ -28,17 +30,32 @@ from cifar3study.training.run_info import read_run_info
 log = logging.getLogger("compare")
 
 
-def model_figures(name: str, history: list[EpochRecord], eval_dir: Path, seeds: int) -> dict[str, Figure]:
+def model_figures(name: str, history: list[EpochRecord], eval_dir: Path, metrics: evaluation.ModelMetrics) \
+        -> dict[str, Figure]:
     classes = tuple(evaluation.read_per_class(eval_dir / name / "per_class.json"))
     matrix = evaluation.read_confusion_csv(eval_dir / name / "confusion.csv", classes)
+    title = f"{name}: {report.SPLIT_NAMES[metrics.split]}, {metrics.eval_acc.n} seeds pooled"
     return {"learning_curves.png": figures.learning_curves(history, name),
-            "confusion_matrix.png": figures.confusion(matrix, classes, f"{name}: validation, {seeds} seeds pooled")}
+            "confusion_matrix.png": figures.confusion(matrix, classes, title)}
 
 
-def comparison_metrics(table: list[dict], diffs: list[report.Difference]) -> dict[str, float]:
+def check_histories(histories: dict[str, list[EpochRecord]], split: str, folder: Path) -> None:
+    """Every model's learning curves are on the split its metrics are on."""
+    for name, history in histories.items():
+        if history and history[0].split != split:
+            raise StageError(f"{folder / name}.csv holds {history[0].split} curves, but the metrics are on {split}; "
+                             "rerun `dvc repro` so every stage uses the same data.holdout")
+
+
+def plotted(metrics: dict[str, evaluation.ModelMetrics]) -> dict[str, evaluation.ModelMetrics]:
+    """The metrics as figures.accuracy_vs_params reads them: the evaluation split's accuracy under `val_acc`."""
+    return {name: dataclasses.replace(m, val_acc=m.eval_acc) for name, m in metrics.items()}
+
+
+def comparison_metrics(table: list[dict], diffs: list[report.Difference], split: str) -> dict[str, float]:
     values = {f"{row['model']}.{k}": v for row in table for k, v in row.items() if k != "model"}
     for d in diffs:
-        values |= {f"{d.a}-{d.b}.val_acc_diff": d.diff, f"{d.a}-{d.b}.p_value": d.p_value}
+        values |= {f"{d.a}-{d.b}.{split}_acc_diff": d.diff, f"{d.a}-{d.b}.p_value": d.p_value}
     return {k: float(v) for k, v in values.items() if v is not None and v == v}  # no None, no NaN
 
 
@@ -56,7 +73,9 @@ def main() -> None:
     for name, info in runs.items():
         store.check_group(store.GroupRuns(info.run_id, info.seed_runs), experiment_id, name)
     histories = {n: read_history(args.history_dir / f"{n}.csv") for n in names}
-    per_model = {n: model_figures(n, histories[n], args.eval_dir, metrics[n].val_acc.n) for n in names}
+    split = report.split_of(metrics)
+    check_histories(histories, split, args.history_dir)
+    per_model = {n: model_figures(n, histories[n], args.eval_dir, metrics[n]) for n in names}
     table, diffs = report.comparison_table(metrics), report.differences(metrics)
     out = {"md": args.out_dir / "comparison.md", "csv": args.out_dir / "comparison.csv",
            "curves": args.out_dir / "learning_curves.csv", "png": args.out_dir / "accuracy_vs_params.png",
@@ -64,7 +83,7 @@ def main() -> None:
     write_text_atomic(out["md"], report.to_markdown(table, diffs))
     write_text_atomic(out["csv"], report.to_csv(table))
     write_text_atomic(out["curves"], report.to_csv(report.curves_table(histories)))
-    for key, fig in (("png", figures.accuracy_vs_params(metrics)), ("curves_png", figures.compared_curves(histories))):
+    for key, fig in (("png", figures.accuracy_vs_params(plotted(metrics))), ("curves_png", figures.compared_curves(histories))):
         with atomic_path(out[key]) as tmp:
             figures.save_png(fig, tmp)
     for name, figs in per_model.items():
@@ -72,7 +91,7 @@ def main() -> None:
     digest = "-".join(run_logging.params_digest(n, params)[:3] for n in names)
     tags = {**store.process_tags(), **store.context_tags(os.environ)}
     run_logging.log_comparison(experiment_id, run_logging.run_name("comparison", os.environ, digest),
-                               comparison_metrics(table.to_dict("records"), diffs), {n: r.run_id for n, r in runs.items()},
+                               comparison_metrics(table.to_dict("records"), diffs, split), {n: r.run_id for n, r in runs.items()},
                                [*out.values(), *([args.lock] if args.lock else [])], tags)
     log.info("\n%s", report.to_markdown(table, diffs))
     log.info("in MLflow (`mlflow ui`): %s", store.runs_page(mlflow.get_tracking_uri(), experiment_id))

@@ -122,3 +122,13 @@ def test_read_checkpoint_checks_the_config_without_building_models(tmp_path: Pat
     assert list(build_models(checkpoint)) == [0, 7]
     with pytest.raises(StageError, match=r"params\.yaml's models\.fc says"):
         read_checkpoint(path, ModelParams(arch="fc", activation="tanh", hidden=(8,)), "fc")
+
+
+def test_the_holdout_is_saved_only_when_there_is_one(tmp_path: Path) -> None:
+    """Without one the payload holds exactly the keys it always held; with one, (fraction, seed) come back."""
+    save_checkpoint(tmp_path / "plain.pt", group(), META)
+    assert list(torch.load(tmp_path / "plain.pt", weights_only=True)) == [
+        "format", "config", "classes", "mean", "std", "seeds", "states"]
+    held = dataclasses.replace(META, holdout=(0.2, 3))
+    save_checkpoint(tmp_path / "held.pt", group(), held)
+    assert read_checkpoint(tmp_path / "held.pt", CNN).meta == held and load_checkpoint(tmp_path / "plain.pt", CNN)[1] == META

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from cifar3study.data.dataset import ChannelStats, Split, channel_stats, read_split, read_stats, write_split, write_stats
+from cifar3study.data.dataset import (
+    ChannelStats,
+    Split,
+    carve_holdout,
+    channel_stats,
+    holdout_count,
+    read_split,
+    read_stats,
+    training_splits,
+    write_split,
+    write_stats,
+)
 from cifar3study.errors import StageError
 from cifar3study.training.models import normalize
 from tests.helpers import CIFAR3_CLASSES
@@ -131,3 +142,42 @@ def test_a_split_with_other_members_is_refused(tmp_path: Path) -> None:
     path = npz_with_headers(tmp_path / "train.npz", {**VALID_HEADERS, "extra": ("|u1", (1,))})
     with pytest.raises(StageError, match=r"cannot read split .*members .*expected images\.npy"):
         read_split(path)
+
+
+def numbered_split(per_class: tuple[int, ...]) -> Split:
+    """Images that carry their own index (pixel [0, 0, 0] and [0, 0, 1]), labels shuffled across classes."""
+    labels = np.random.default_rng(5).permutation(np.repeat(np.arange(len(per_class)), per_class)).astype(np.int64)
+    images = np.zeros((len(labels), 3, 32, 32), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(len(labels)) // 256, np.arange(len(labels)) % 256
+    return Split(images, labels, CIFAR3_CLASSES, "a" * 32)
+
+
+def ids(split: Split) -> np.ndarray:
+    return split.images[:, 0, 0, 0].astype(int) * 256 + split.images[:, 0, 0, 1]
+
+
+def test_carve_holdout_is_stratified_disjoint_and_covers_the_split() -> None:
+    split = numbered_split((40, 41, 19))
+    rest, held = carve_holdout(split, 0.2, seed=3)
+    assert np.bincount(held.labels).tolist() == [8, 8, 4] and np.bincount(rest.labels).tolist() == [32, 33, 15]
+    assert not set(ids(rest)) & set(ids(held))
+    assert sorted([*ids(rest), *ids(held)]) == list(range(100))
+    for part in (rest, held):  # each image keeps its label, each part the split's order
+        assert np.array_equal(part.labels, split.labels[ids(part)]) and (np.diff(ids(part)) > 0).all()
+        assert part.classes == split.classes and part.source_md5 == split.source_md5
+
+
+def test_carve_holdout_is_deterministic_in_fraction_and_seed() -> None:
+    split = numbered_split((40, 40, 40))
+    first, again = carve_holdout(split, 0.25, 7)[1], carve_holdout(split, 0.25, 7)[1]
+    assert np.array_equal(ids(first), ids(again)) and np.array_equal(first.images, again.images)
+    assert not np.array_equal(ids(first), ids(carve_holdout(split, 0.25, 8)[1]))
+    assert len(carve_holdout(split, 0.5, 7)[1].labels) == 60 and holdout_count(40, 0.25) == 10
+
+
+def test_with_a_holdout_the_validation_file_is_never_opened(tmp_path: Path) -> None:
+    write_split(tmp_path / "train.npz", numbered_split((10, 10, 10)))
+    train, name, evaluated = training_splits(tmp_path / "train.npz", tmp_path / "no such val.npz", 0.2, 0)
+    assert name == "holdout" and len(train.labels) == 24 and len(evaluated.labels) == 6
+    with pytest.raises(StageError, match=r"cannot read split .*no such val\.npz"):
+        training_splits(tmp_path / "train.npz", tmp_path / "no such val.npz", 0.0, 0)

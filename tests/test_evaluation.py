@@ -109,3 +109,26 @@ def test_an_oversized_metrics_file_is_refused_unread(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps({"params": 1, "pad": "x" * (2 << 20)}))
     with pytest.raises(StageError, match="more than 1,048,576 bytes"):
         evaluation.read_metrics(tmp_path / "m.json")
+
+
+def test_holdout_metrics_have_no_val_key_and_say_their_split(tmp_path: Path) -> None:
+    per_seed = {0: evaluation.seed_metrics((Y_TRUE, Y_TRUE), (Y_TRUE, Y_PRED), "holdout"),
+                7: evaluation.seed_metrics((Y_TRUE, Y_PRED), (Y_TRUE, Y_TRUE), "holdout")}
+    assert list(per_seed[0]) == ["train_acc", "holdout_acc", "gap", "holdout_macro_f1"]
+    metrics = evaluation.model_metrics(per_seed, 18_123, SPEED, "holdout")
+    assert metrics.split == "holdout" and metrics.val_acc is None and metrics.val_macro_f1 is None
+    assert metrics.eval_acc == metrics.holdout_acc and metrics.eval_acc.mean == pytest.approx((6 / 9 + 1) / 2)
+    assert metrics.eval_macro_f1 == metrics.holdout_macro_f1
+    evaluation.write_metrics(tmp_path / "m.json", metrics)
+    raw = json.loads((tmp_path / "m.json").read_text())
+    assert not [k for k in raw if k.startswith("val_")]
+    assert {"holdout_acc", "holdout_acc_std", "holdout_acc_min", "holdout_acc_max", "holdout_acc_n",
+            "holdout_acc_ci95_low", "holdout_acc_ci95_high", "holdout_acc_seed0", "holdout_acc_seed7",
+            "holdout_macro_f1", "gap", "train_acc"} <= raw.keys()
+    assert evaluation.read_metrics(tmp_path / "m.json") == metrics
+
+
+def test_val_metrics_keep_their_accessors() -> None:
+    metrics = evaluation.model_metrics({0: evaluation.seed_metrics((Y_TRUE, Y_TRUE), (Y_TRUE, Y_PRED))}, 10, SPEED)
+    assert metrics.split == "val" and metrics.eval_acc is metrics.val_acc and metrics.holdout_acc is None
+    assert metrics.val_acc.mean == pytest.approx(6 / 9)

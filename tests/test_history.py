@@ -26,3 +26,19 @@ def test_foreign_file_is_one_line(tmp_path: Path, text: str) -> None:
     (tmp_path / "h.csv").write_text(text)
     with pytest.raises(StageError, match="rerun its train stage"):
         read_history(tmp_path / "h.csv")
+
+
+def test_a_holdout_history_names_its_columns_after_the_split(tmp_path: Path) -> None:
+    rows = [EpochRecord(0, 1, 1.0986, 0.34, 1.05, 0.41, 2.5, "holdout"), EpochRecord(3, 1, 0.9, 0.5, 0.95, 0.52, 2.5, "holdout")]
+    write_history(tmp_path / "h.csv", rows)
+    header = (tmp_path / "h.csv").read_text().splitlines()[0]
+    assert header == "seed,epoch,train_loss,train_acc_running,holdout_loss,holdout_acc,seconds"
+    back = read_history(tmp_path / "h.csv")
+    assert back == rows and {r.split for r in back} == {"holdout"}
+
+
+def test_one_history_holds_one_split(tmp_path: Path) -> None:
+    rows = [EpochRecord(0, 1, 1.0, 0.3, 1.0, 0.4, 2.5), EpochRecord(1, 1, 1.0, 0.3, 1.0, 0.4, 2.5, "holdout")]
+    with pytest.raises(ValueError, match="a history has one of"):
+        write_history(tmp_path / "h.csv", rows)
+    assert not (tmp_path / "h.csv").exists()

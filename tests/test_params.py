@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar3study.params import ParamError, archive_source, load_params, parse_params
+from cifar3study.data import cifar10_format
+from cifar3study.data.dataset import holdout_count
+from cifar3study.params import TRAIN_IMAGES_PER_CLASS, ParamError, archive_source, load_params, parse_params
 from tests.helpers import ROOT
 
 
@@ -185,3 +187,40 @@ def test_hostile_yaml_shapes_are_named_refusals(tmp_path: Path, text: str, needl
     with pytest.raises(ParamError, match=re.escape(needle)) as err:
         load_params(tmp_path / "params.yaml")
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"holdout": 0.6}, "data.holdout must be 0 (none) to 0.5"),
+    ({"holdout": -0.1}, "data.holdout must be 0 (none) to 0.5"),
+    ({"holdout": "a fifth"}, "data.holdout must be a number"),
+    ({"holdout_seed": -1}, "data.holdout_seed must be between 0 and 4294967295"),
+    ({"holdout_seed": 2**32}, "data.holdout_seed must be between 0 and 4294967295"),
+    ({"holdout_seed": 0.5}, "data.holdout_seed must be an integer"),
+    # 5 of each class's 5,000 training images: not one batch of 64 to measure on
+    ({"holdout": 0.001}, "data.holdout 0.001 holds out 5 of each class's 5,000 training images, fewer than one batch"),
+])
+def test_a_bad_holdout_is_one_line_naming_the_key(raw: dict, change: dict, needle: str) -> None:
+    raw["data"].update(change)
+    with pytest.raises(ParamError, match=re.escape(needle)) as refused:
+        parse_params(raw)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 400
+
+
+def test_the_holdout_check_counts_as_the_split_is_carved(raw: dict) -> None:
+    """Accepted exactly when carve_holdout would leave a batch of each class in both parts of CIFAR-10's 5,000."""
+    assert TRAIN_IMAGES_PER_CLASS == cifar10_format.TRAIN_IMAGES_PER_CLASS
+    for batch, fraction in [(64, 0.0128), (64, 0.0127), (64, 0.0126), (2500, 0.5), (2501, 0.5), (1, 0.0001)]:
+        raw["data"]["holdout"], raw["train"]["batch_size"] = fraction, batch
+        held = holdout_count(TRAIN_IMAGES_PER_CLASS, fraction)
+        fits = min(held, TRAIN_IMAGES_PER_CLASS - held) >= batch
+        try:
+            parse_params(raw)
+            accepted = True
+        except ParamError:
+            accepted = False
+        assert accepted == fits, (batch, fraction, held)
+
+
+def test_holdout_defaults_to_none(raw: dict) -> None:
+    params = parse_params(raw)
+    assert (params.data.holdout, params.data.holdout_seed) == (0.0, 0)

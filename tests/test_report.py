@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cifar3study.errors import StageError
 from cifar3study.reporting.evaluation import model_metrics, spread
 from cifar3study.reporting.report import comparison_table, curves_table, differences, to_markdown, welch
 from cifar3study.training.history import EpochRecord
@@ -56,3 +57,33 @@ def test_curves_table_has_mean_min_max_over_seeds_per_model_and_epoch() -> None:
     assert table["model"].tolist() == ["fc", "fc", "cnn"] and table["epoch"].tolist() == [1, 2, 1]
     assert table["val_acc_mean"].tolist() == pytest.approx([0.6, 0.7, 0.55])
     assert table["val_acc_min"].tolist() == [0.5, 0.6, 0.55] and table["val_acc_max"].tolist() == [0.7, 0.8, 0.55]
+
+
+def holdout_group(acc: list[float], train: float = 0.9) -> dict[int, dict[str, float]]:
+    return {k: {"train_acc": train, "holdout_acc": v, "gap": train - v, "holdout_macro_f1": v} for k, v in enumerate(acc)}
+
+
+def test_a_holdout_comparison_labels_its_columns_by_split() -> None:
+    metrics = {"fc": model_metrics(holdout_group([0.74, 0.75, 0.76], 1.0), 3_737_603, SPEED, "holdout"),
+               "cnn": model_metrics(holdout_group([0.86, 0.87, 0.88], 0.93), 18_123, SPEED, "holdout")}
+    table = comparison_table(metrics)
+    assert {"holdout_acc", "holdout_acc_std", "holdout_acc_ci95_low", "holdout_macro_f1"} <= set(table.columns)
+    assert not [c for c in table.columns if c.startswith("val_")]
+    md = to_markdown(table, differences(metrics))
+    assert "| holdout acc | holdout acc 95% CI | gap | holdout macro F1 |" in md and "val acc" not in md
+    assert "| cnn | 18,123 | 3 | 0.9300 ± 0.0000 | 0.8700 ± 0.0100 | [0.8452, 0.8948] |" in md
+    assert "Difference in holdout accuracy" in md and "- cnn − fc: +0.1200, 95% CI [" in md
+
+
+def test_models_evaluated_on_different_splits_are_not_compared() -> None:
+    metrics = {"fc": model_metrics(group([0.75]), 3_737_603, SPEED),
+               "cnn": model_metrics(holdout_group([0.87]), 18_123, SPEED, "holdout")}
+    with pytest.raises(StageError, match=r"different splits \(fc: val, cnn: holdout\)"):
+        comparison_table(metrics)
+
+
+def test_holdout_curves_are_named_after_the_split() -> None:
+    rows = [EpochRecord(0, 1, 1.0, 0.4, 1.1, 0.5, 9.0, "holdout"), EpochRecord(1, 1, 0.8, 0.4, 0.9, 0.7, 9.0, "holdout")]
+    table = curves_table({"cnn": rows})
+    assert table["holdout_acc_mean"].tolist() == pytest.approx([0.6]) and "val_acc_mean" not in table.columns
+    assert table["holdout_loss_max"].tolist() == [1.1]

@@ -102,6 +102,42 @@ def read_split(path: Path) -> Split:
     return split
 
 
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of a class's `n` images `carve_holdout` holds out (params.py's check rounds the same way)."""
+    return round(n * fraction)
+
+
+def _subset(split: Split, keep: np.ndarray) -> Split:
+    return Split(split.images[keep], split.labels[keep], split.classes, split.source_md5)
+
+
+def carve_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): `fraction` of each class's images drawn from `seed`, each part in the split's order.
+
+    Stratified, so both parts keep the class balance; the same split, fraction and seed give the same parts.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction {fraction} is not between 0 and 1")
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(split.labels), dtype=bool)
+    for label in range(len(split.classes)):
+        members = np.flatnonzero(split.labels == label)
+        held[rng.choice(members, holdout_count(len(members), fraction), replace=False)] = True
+    return _subset(split, ~held), _subset(split, held)
+
+
+def training_splits(train: Path, val: Path, holdout: float, seed: int) -> tuple[Split, str, Split]:
+    """(what trains, the name of the split it is evaluated on, that split).
+
+    With `holdout` > 0 the evaluation split is carved from `train` and `val` (the CIFAR-10 test batch) is never
+    opened: selection must not see it.
+    """
+    if holdout > 0:
+        rest, held = carve_holdout(read_split(train), holdout, seed)
+        return rest, "holdout", held
+    return read_split(train), "val", read_split(val)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelStats:
     mean: tuple[float, ...]

@@ -3,8 +3,11 @@
 `data/metrics/<model>.json` holds flat keys that `dvc metrics show` lists:
 `train_acc`, `val_acc`, `gap` and `val_macro_f1` are means over the seeds,
 with `_std` (sample), `_min`, `_max`, `_n`, `_ci95_low`/`_ci95_high` (Student
-t) and `_seed<k>` beside each. The per-class report and the confusion rows
-pool the predictions of every seed, and say so.
+t) and `_seed<k>` beside each. A run with data.holdout > 0 is evaluated on the
+part held out of the training split instead: `holdout_acc` and
+`holdout_macro_f1` replace the `val_` keys, and the file has no `val_` key.
+The per-class report and the confusion rows pool the predictions of every
+seed, and say so.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from cifar3study.errors import StageError, one_line, quote
 from cifar3study.files import read_capped, write_json_atomic, write_text_atomic
 
-SPREAD_KEYS = ("train_acc", "val_acc", "gap", "val_macro_f1")
+SPLITS = ("val", "holdout")  # the CIFAR-10 test batch; a part held out of the training split (data.holdout)
 SPEED_KEYS = ("seconds_per_epoch", "group_seconds_per_epoch", "images_per_second")
 MAX_METRICS_BYTES = 1 << 20  # a record is about 2 KiB plus 150 bytes a seed; a bigger file is not read at all
 
@@ -58,39 +61,73 @@ def spread(per_seed: dict[int, float]) -> Spread:
     return Spread(dict(per_seed), mean, std, (mean - half, mean + half))
 
 
+def spread_keys(split: str) -> tuple[str, ...]:
+    """The metrics of a model evaluated on `split`, in the file's order."""
+    return ("train_acc", f"{split}_acc", "gap", f"{split}_macro_f1")
+
+
+SPREAD_KEYS = spread_keys("val")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelMetrics:
-    """The headline numbers of one model's seed group: what `dvc metrics show` lists and compare reads."""
+    """The headline numbers of one model's seed group: what `dvc metrics show` lists and compare reads.
+
+    Accuracy and F1 are on one evaluation split: `val_acc`/`val_macro_f1` are set for the validation split and
+    None for a holdout run, `holdout_acc`/`holdout_macro_f1` the other way round; `split`, `eval_acc` and
+    `eval_macro_f1` read whichever is set.
+    """
 
     params: int
-    train_acc: Spread
-    val_acc: Spread
-    gap: Spread  # train_acc - val_acc: how much the models memorised
-    val_macro_f1: Spread
+    train_acc: Spread  # on what trained: the training split, or its rest after the holdout
+    val_acc: Spread | None
+    gap: Spread  # train_acc - the evaluation split's accuracy: how much the models memorised
+    val_macro_f1: Spread | None
     seconds_per_epoch: float  # one epoch of one seed: the group's time divided by its size
     group_seconds_per_epoch: float
     images_per_second: float
+    holdout_acc: Spread | None = None
+    holdout_macro_f1: Spread | None = None
+
+    @property
+    def split(self) -> str:
+        """"val" or "holdout": the split `eval_acc` and `eval_macro_f1` are on."""
+        return "holdout" if self.holdout_acc is not None else "val"
+
+    @property
+    def eval_acc(self) -> Spread:
+        return getattr(self, f"{self.split}_acc")
+
+    @property
+    def eval_macro_f1(self) -> Spread:
+        return getattr(self, f"{self.split}_macro_f1")
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_true == y_pred))
 
 
-def seed_metrics(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
-    """One seed's headline numbers; `train` and `val` are (labels, predictions)."""
-    train_acc, val_acc = accuracy(*train), accuracy(*val)
-    return {"train_acc": train_acc, "val_acc": val_acc, "gap": train_acc - val_acc,
-            "val_macro_f1": float(f1_score(*val, average="macro"))}
+def seed_metrics(train: tuple[np.ndarray, np.ndarray], evaluated: tuple[np.ndarray, np.ndarray],
+                 split: str = "val") -> dict[str, float]:
+    """One seed's headline numbers; `train` and `evaluated` (on `split`) are (labels, predictions)."""
+    train_acc, eval_acc = accuracy(*train), accuracy(*evaluated)
+    return {"train_acc": train_acc, f"{split}_acc": eval_acc, "gap": train_acc - eval_acc,
+            f"{split}_macro_f1": float(f1_score(*evaluated, average="macro"))}
 
 
-def model_metrics(per_seed: dict[int, dict[str, float]], n_params: int, speed: dict[str, float]) -> ModelMetrics:
-    spreads = {key: spread({seed: m[key] for seed, m in per_seed.items()}) for key in SPREAD_KEYS}
-    return ModelMetrics(n_params, **spreads, **{key: speed[key] for key in SPEED_KEYS})
+def _build(n_params: int, spreads: dict[str, Spread], speed: dict[str, float]) -> ModelMetrics:
+    return ModelMetrics(n_params, **{"val_acc": None, "val_macro_f1": None, **spreads}, **speed)
+
+
+def model_metrics(per_seed: dict[int, dict[str, float]], n_params: int, speed: dict[str, float],
+                  split: str = "val") -> ModelMetrics:
+    spreads = {key: spread({seed: m[key] for seed, m in per_seed.items()}) for key in spread_keys(split)}
+    return _build(n_params, spreads, {key: speed[key] for key in SPEED_KEYS})
 
 
 def flat(metrics: ModelMetrics) -> dict[str, float | int | None]:
     out: dict[str, float | int | None] = {"params": metrics.params}
-    for key in SPREAD_KEYS:
+    for key in spread_keys(metrics.split):
         s: Spread = getattr(metrics, key)
         out.update({key: s.mean, f"{key}_std": s.std, f"{key}_min": s.min, f"{key}_max": s.max, f"{key}_n": s.n,
                     f"{key}_ci95_low": s.ci95[0] if s.ci95 else None, f"{key}_ci95_high": s.ci95[1] if s.ci95 else None})
@@ -128,8 +165,9 @@ def _finite_numbers(path: Path, raw: object) -> dict:
 def read_metrics(path: Path) -> ModelMetrics:
     try:
         raw = _finite_numbers(path, json.loads(read_capped(path, MAX_METRICS_BYTES).decode("utf-8")))
-        return ModelMetrics(int(raw["params"]), **{k: _spread_from(raw, k) for k in SPREAD_KEYS},
-                            **{k: float(raw[k]) for k in SPEED_KEYS})
+        split = "holdout" if "holdout_acc" in raw else "val"
+        return _build(int(raw["params"]), {k: _spread_from(raw, k) for k in spread_keys(split)},
+                      {k: float(raw[k]) for k in SPEED_KEYS})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise StageError(f"cannot read metrics {path} ({type(err).__name__}: {one_line(err, 160)}); "
                          "rerun its evaluate stage") from err
@@ -173,7 +211,7 @@ def read_per_class(path: Path) -> dict[str, ClassReport]:
 
 def write_confusion_csv(path: Path, y_true: dict[int, np.ndarray], y_pred: dict[int, np.ndarray],
                         classes: tuple[str, ...]) -> None:
-    """One row per validation image and seed (column `seed`), the shape DVC's confusion template reads."""
+    """One row per evaluated image and seed (column `seed`), the shape DVC's confusion template reads."""
     lines = ["actual,predicted,seed"] + [f"{classes[a]},{classes[p]},{seed}" for seed in y_true
                                          for a, p in zip(y_true[seed], y_pred[seed])]
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ from cifar3study.tracking.store import GroupRuns
 from cifar3study.training.history import EpochRecord
 
 NOT_APPLICABLE = "none"  # the value of a conv-only key on an fc model: the same row compares both models
-CURVES = ("train_loss", "train_acc_running", "val_loss", "val_acc")
+CURVES = ("train_loss", "train_acc_running", "val_loss", "val_acc")  # EpochRecord fields, logged as `curves` names
 
 
 def flatten(prefix: str, value: object) -> dict[str, str]:
@@ -56,6 +56,8 @@ def params_digest(name: str, params: Params) -> str:
     """7 hex digits that change with anything that changes this model's training."""
     read = {"model": dataclasses.asdict(params.models[name]), "train": dataclasses.asdict(params.train),
             "classes": params.data.classes}
+    if params.data.holdout:  # only then: a run without a holdout keeps the name it always had
+        read["holdout"] = [params.data.holdout, params.data.holdout_seed]
     return hashlib.sha1(json.dumps(read, sort_keys=True).encode()).hexdigest()[:7]
 
 
@@ -69,11 +71,19 @@ def _metrics(values: Mapping[str, float | None], step: int) -> list[Metric]:
     return [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
 
 
+def data_keys(params: Params) -> dict[str, str]:
+    """The data settings a model's numbers depend on; the holdout's only when there is one (0 adds no key)."""
+    keys = {"data.classes": flatten("", params.data.classes)[""]}
+    if params.data.holdout:
+        keys |= {"data.holdout": str(params.data.holdout), "data.holdout_seed": str(params.data.holdout_seed)}
+    return keys
+
+
 def log_training_setup(runs: GroupRuns, name: str, params: Params, n_params: int, layers: str) -> None:
     """Every value the train stage read and the model's size (`layers`: a markdown table); each seed's seed."""
     mlflow.log_params({**shared_model_keys(name, params.models[name]), **flatten("train", params.train),
                        **flatten("evaluate", params.evaluate), **flatten("mlflow", params.mlflow),
-                       "data.classes": flatten("", params.data.classes)[""], "param_count": n_params})
+                       **data_keys(params), "param_count": n_params})
     mlflow.log_metric("param_count", n_params)
     mlflow.log_text(layers, "parameters.md")
     client = MlflowClient()
@@ -82,12 +92,17 @@ def log_training_setup(runs: GroupRuns, name: str, params: Params, n_params: int
                          metrics=_metrics({"param_count": n_params}, 0))
 
 
+def curve_names(split: str) -> dict[str, str]:
+    """{EpochRecord field: MLflow metric}: the evaluation split's curves are named after it (val_acc, holdout_acc)."""
+    return dict(zip(CURVES, ("train_loss", "train_acc_running", f"{split}_loss", f"{split}_acc"), strict=True))
+
+
 def log_epoch(runs: GroupRuns, rows: list[EpochRecord]) -> None:
     """Each seed's curves in its own run; their mean in the parent run."""
-    client = MlflowClient()
+    client, names = MlflowClient(), curve_names(rows[0].split)
     for row in rows:
-        client.log_batch(runs.seeds[row.seed], metrics=_metrics({k: getattr(row, k) for k in CURVES}, row.epoch))
-    means = {k: statistics.fmean(getattr(r, k) for r in rows) for k in CURVES}
+        client.log_batch(runs.seeds[row.seed], metrics=_metrics({names[k]: getattr(row, k) for k in CURVES}, row.epoch))
+    means = {names[k]: statistics.fmean(getattr(r, k) for r in rows) for k in CURVES}
     client.log_batch(runs.parent, metrics=_metrics(means, rows[0].epoch))
 
 

@@ -30,6 +30,7 @@ class CheckpointMeta:
     classes: tuple[str, ...]
     stats: ChannelStats  # the normalisation the models were trained with
     seeds: tuple[int, ...]  # one model per seed, in this order
+    holdout: tuple[float, int] | None = None  # (data.holdout, data.holdout_seed) held out of training; None: none
 
 
 def save_checkpoint(path: Path, models: list[nn.Module], meta: CheckpointMeta) -> None:
@@ -39,6 +40,8 @@ def save_checkpoint(path: Path, models: list[nn.Module], meta: CheckpointMeta) -
     states = [{k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()} for m in models]
     payload = {"format": FORMAT, "config": dataclasses.asdict(meta.config), "classes": list(meta.classes),
                "mean": list(meta.stats.mean), "std": list(meta.stats.std), "seeds": list(meta.seeds), "states": states}
+    if meta.holdout is not None:  # absent otherwise: a run without a holdout saves what it always saved
+        payload["holdout"] = list(meta.holdout)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -49,7 +52,10 @@ def _meta(payload: dict) -> CheckpointMeta:
     raw = payload["config"]
     config = ModelParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     stats = ChannelStats(tuple(float(v) for v in payload["mean"]), tuple(float(v) for v in payload["std"]))
-    return CheckpointMeta(config, tuple(str(c) for c in payload["classes"]), stats, tuple(int(s) for s in payload["seeds"]))
+    holdout = payload.get("holdout")
+    holdout = (float(holdout[0]), int(holdout[1])) if holdout is not None else None
+    return CheckpointMeta(config, tuple(str(c) for c in payload["classes"]), stats, tuple(int(s) for s in payload["seeds"]),
+                          holdout)
 
 
 def _differences(config: ModelParams, other: ModelParams) -> str:
