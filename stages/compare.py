@@ -10,7 +10,6 @@ too, so editing a figure redraws them without retraining anything.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -47,11 +46,6 @@ def check_histories(histories: dict[str, list[EpochRecord]], split: str, folder:
                              "rerun `dvc repro` so every stage uses the same data.holdout")
 
 
-def plotted(metrics: dict[str, evaluation.ModelMetrics]) -> dict[str, evaluation.ModelMetrics]:
-    """The metrics as figures.accuracy_vs_params reads them: the evaluation split's accuracy under `val_acc`."""
-    return {name: dataclasses.replace(m, val_acc=m.eval_acc) for name, m in metrics.items()}
-
-
 def comparison_metrics(table: list[dict], diffs: list[report.Difference], split: str) -> dict[str, float]:
     values = {f"{row['model']}.{k}": v for row in table for k, v in row.items() if k != "model"}
     for d in diffs:
@@ -83,7 +77,7 @@ def main() -> None:
     write_text_atomic(out["md"], report.to_markdown(table, diffs))
     write_text_atomic(out["csv"], report.to_csv(table))
     write_text_atomic(out["curves"], report.to_csv(report.curves_table(histories)))
-    for key, fig in (("png", figures.accuracy_vs_params(plotted(metrics))), ("curves_png", figures.compared_curves(histories))):
+    for key, fig in (("png", figures.accuracy_vs_params(metrics)), ("curves_png", figures.compared_curves(histories))):
         with atomic_path(out[key]) as tmp:
             figures.save_png(fig, tmp)
     for name, figs in per_model.items():

@@ -14,10 +14,11 @@ ENV = Environment("cpu", "cpu (x86_64, 2 threads)", "AVX2", "2.14.1", "2.4.6", "
 
 
 def record(accs: dict[int, tuple[float, float]], weights: str = "w", env: Environment = ENV,
-           ci: tuple[float, float] | None = (0.80, 0.90)) -> RunRecord:
-    seeds = {s: SeedRecord(f"r{s}", f"{weights}{s}", train, val) for s, (train, val) in accs.items()}
+           ci: tuple[float, float] | None = (0.80, 0.90), split: str = "val") -> RunRecord:
+    """`accs`: {seed: (train_acc, accuracy on `split`)}."""
+    seeds = {s: SeedRecord(f"r{s}", f"{weights}{s}", train, acc) for s, (train, acc) in accs.items()}
     return RunRecord("abcdef0123", "cnn-x", "1", "cnn", "c0ffee", "false", None, None, "md5", "digest", {}, seeds, env,
-                     {"train_acc": (0.90, 0.99) if ci else None, "val_acc": ci})
+                     {"train_acc": (0.90, 0.99) if ci else None, f"{split}_acc": ci}, split=split)
 
 
 ORIGINAL = record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)})
@@ -131,3 +132,41 @@ def test_report_holds_seeds_checks_and_both_environments() -> None:
     text = markdown(ORIGINAL, rerun, judge(ORIGINAL, rerun, 0.01, 0.01), {"device": "cpu"})
     assert "| thread count | 2 | 1 |" in text and "| 0 | no | 0.9500 | 0.9510 | 0.8500 | 0.8510 |" in text
     assert "- device: cpu" in text and "TOST" in text
+
+
+HELD = record({0: (0.95, 0.85), 1: (0.94, 0.84), 2: (0.96, 0.86)}, split="holdout")
+
+
+def test_a_holdout_record_is_bitwise_only_if_its_holdout_metrics_are_what_the_rerun_logs() -> None:
+    seeds = {0: {"train_acc": 0.95, "holdout_acc": 0.85, "holdout_macro_f1": 0.8}}
+    logged = with_metrics(HELD, {"train_acc": 0.95, "holdout_acc": 0.85, "holdout_acc_ci95_low": 0.8}, seeds)
+    assert judge(logged, logged, 0.01, 0.01).word == "bitwise"
+    lying = with_metrics(HELD, {"train_acc": 0.95, "holdout_acc": 0.99, "holdout_acc_ci95_low": 0.8},
+                         {0: {**seeds[0], "holdout_macro_f1": 0.9}})
+    verdict = judge(lying, logged, 0.01, 0.01)
+    assert verdict.word == "differs" and "weights equal bit for bit" in verdict.line, verdict.line
+    assert "holdout_acc 0.99 recorded, 0.85 rerun" in verdict.line
+    assert "seed 0 holdout_macro_f1 0.9 recorded, 0.8 rerun" in verdict.line
+
+
+def test_a_holdout_rerun_that_is_not_bitwise_is_judged_on_holdout_acc() -> None:
+    rerun = record({0: (0.95, 0.80), 1: (0.94, 0.84), 2: (0.96, 0.86)}, "v", ONE_THREAD, split="holdout")
+    verdict = judge(HELD, rerun, 0.01, 0.01)
+    assert verdict.word == "differs" and "val_acc" not in verdict.line, verdict.line
+    assert "seed 0 holdout_acc 0.8000 vs 0.8500 (-0.0500, tolerance ±0.01)" in verdict.line
+    assert "holdout_acc mean 0.8333 inside recorded 95% CI [0.8000, 0.9000]" in verdict.checks
+    assert any(c.startswith("TOST on holdout_acc at ±0.01: p = ") for c in verdict.checks), verdict.checks
+    close = record({0: (0.951, 0.851), 1: (0.941, 0.841), 2: (0.961, 0.861)}, "v", ONE_THREAD, split="holdout")
+    assert judge(HELD, close, 0.01, 0.01).word == "equivalent"
+
+
+def test_a_rerun_evaluated_on_another_split_differs() -> None:
+    verdict = judge(HELD, ORIGINAL, 0.01, 0.01)
+    assert verdict.word == "differs" and "evaluated on holdout, the rerun on val" in verdict.line, verdict.line
+
+
+def test_a_holdout_report_names_the_holdout_columns() -> None:
+    rerun = record({0: (0.951, 0.851)}, "v", ONE_THREAD, split="holdout")
+    text = markdown(HELD, rerun, judge(HELD, rerun, 0.01, 0.01), {"device": "cpu"})
+    assert "| holdout_acc (record) | holdout_acc (rerun) |" in text and "val_acc" not in text
+    assert "| 0 | no | 0.9500 | 0.9510 | 0.8500 | 0.8510 |" in text

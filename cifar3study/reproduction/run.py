@@ -5,11 +5,12 @@ picks one model of an experiment that trained several; a name several runs
 share is refused, listing their ids). The run is looked up in the store of
 this repository (`sqlite:///<repo>/mlflow.db`) or MLFLOW_TRACKING_URI. Its
 setup is rebuilt in scratch space (see scratch.py), its train and evaluate
-stages rerun with its seeds, and the result judged
-(see verdict.py). The original run is never written to: the verdict goes
-into a new `reproduction` run beside it (tag `reproduces`) and into
-`reports/reproductions/<run id>.md`. The last line printed is the verdict;
-the exit status is 1 on `differs`.
+stages rerun with its seeds, and the result judged (see verdict.py) on the
+split the run was evaluated on: the validation split, or the held-out part
+of a run trained with data.holdout > 0. The original run is never written
+to: the verdict goes into a new `reproduction` run beside it (tag
+`reproduces`) and into `reports/reproductions/<run id>.md`. The last line
+printed is the verdict; the exit status is 1 on `differs`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cifar3study.training.device import is_available
 
 log = logging.getLogger("reproduce")
 TOLERANCE = 0.01  # absolute accuracy a seed's rerun may differ by from its record and still be equivalent
-MARGIN = 0.01  # TOST equivalence margin on the mean paired val_acc difference
+MARGIN = 0.01  # TOST equivalence margin on the mean paired difference of val_acc (holdout_acc on a holdout run)
 SHOWN_IDS = 4  # run ids an ambiguous name lists: the line stays short, the ids whole (each is what to give)
 
 
@@ -90,7 +91,7 @@ def check_record(record: RunRecord) -> None:
 def check_evaluated(record: RunRecord) -> None:
     """Refuse a record that cannot be judged: its seeds were never evaluated."""
     if not record.evaluated:
-        raise StageError(f"run {record.run_id} has no train_acc/val_acc per seed; run `dvc repro "
+        raise StageError(f"run {record.run_id} has no {'/'.join(record.accuracies)} per seed; run `dvc repro "
                          f"evaluate@{record.model}` for it first")
 
 
@@ -119,7 +120,7 @@ def log_reproduction(client: MlflowClient, original: RunRecord, rerun: RunRecord
     params = [Param(f"{side}.{f.name}", str(getattr(rec.env, f.name))[:500])
               for side, rec in (("original", original), ("rerun", rerun)) for f in dataclasses.fields(Environment)]
     params += [Param(key, str(value)[:500]) for key, value in setup.items()]
-    metrics = [Metric(f"{m}_delta_seed{s.seed}", d, 0, 0) for s in verdict.seeds for m in ("train_acc", "val_acc")
+    metrics = [Metric(f"{m}_delta_seed{s.seed}", d, 0, 0) for s in verdict.seeds for m in original.accuracies
                if (d := s.delta(m)) is not None]
     client.log_batch(run_id, params=params, metrics=metrics)
     client.log_artifact(run_id, str(report))
@@ -135,7 +136,8 @@ def parse_args() -> argparse.Namespace:
                         help="where to rerun (default: the recorded device type if this box has one, else auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for the rerun (default: torch's own choice)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="per-seed accuracy tolerance")
-    parser.add_argument("--margin", type=float, default=MARGIN, help="TOST equivalence margin on val_acc")
+    parser.add_argument("--margin", type=float, default=MARGIN,
+                        help="TOST equivalence margin on val_acc (holdout_acc on a holdout run)")
     parser.add_argument("--scratch", type=Path, help="keep the rebuilt copy in this new folder (default: a temp dir)")
     args = parser.parse_args()
     if args.threads is not None and args.threads < 1:

@@ -1,16 +1,20 @@
 """The judgement of a rerun against its record: bitwise, equivalent or differs, and which difference explains it.
 
 - bitwise: every seed's final weights digest equals the recorded one, and
-  every metric evaluate computes from the weights (SEED_METRICS, PARENT_METRICS) is
+  every metric evaluate computes from the weights (seed_metrics, parent_metrics) is
   logged again with exactly the recorded value;
-- equivalent: not bitwise, but every seed's train and val accuracy is within
-  `tolerance` of its record, the rerun's group means lie inside the recorded
-  95% intervals, and (n >= 2 seeds) a paired TOST shows the val accuracy
-  equal within `margin` at level `alpha`; with one seed there is no interval
-  and no test, and the verdict says "n too small";
+- equivalent: not bitwise, but every seed's train and evaluation accuracy is
+  within `tolerance` of its record, the rerun's group means lie inside the
+  recorded 95% intervals, and (n >= 2 seeds) a paired TOST shows the
+  evaluation accuracy equal within `margin` at level `alpha`; with one seed
+  there is no interval and no test, and the verdict says "n too small";
 - differs: anything else, naming the seeds and metrics and by how much; also
-  equal weights with a metric that is not, and weights that differ where
-  nothing may make them differ (identical environment, deterministic training).
+  equal weights with a metric that is not, weights that differ where nothing
+  may make them differ (identical environment, deterministic training), and a
+  rerun evaluated on another split than the record.
+
+The evaluation split is the record's (RunRecord.split): metric names follow
+it, `val_acc`, `val_macro_f1`, ... or `holdout_acc`, `holdout_macro_f1`, ...
 """
 
 from __future__ import annotations
@@ -21,18 +25,10 @@ import statistics
 
 from scipy import stats
 
-from cifar3study.reporting.evaluation import SPREAD_KEYS
-from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord
+from cifar3study.reporting.evaluation import spread_keys
+from cifar3study.tracking.record import UNKNOWN, Environment, RunRecord, SeedRecord
 
-METRICS = ("train_acc", "val_acc")
 ALPHA = 0.05
-# What evaluate logs that is a function of the weights and the data alone, so equal weights must give it again bit for
-# bit: on each seed run its accuracies, gap and F1; on the parent their mean and spread over the seeds. Not compared:
-# seconds_per_epoch, group_seconds_per_epoch and images_per_second (wall clock, never equal twice) and train's
-# curves (training history, not the record's result; equal weights already say the training repeated).
-SEED_METRICS = SPREAD_KEYS
-PARENT_METRICS = tuple(f"{key}{end}" for key in SPREAD_KEYS
-                       for end in ("", "_std", "_min", "_max", "_n", "_ci95_low", "_ci95_high"))
 SHOWN = 4  # metric mismatches named in a verdict line
 # What each environment field is called in a verdict; all of them change floating-point results.
 FIELD_NAMES = {"device_type": "device type", "device": "device", "cpu_capability": "CPU capability",
@@ -62,6 +58,24 @@ class Verdict:
     checks: list[str]  # each statistical check and its outcome, for the report
 
 
+def seed_metrics(split: str) -> tuple[str, ...]:
+    """What evaluate logs on each seed run from the weights and the data alone: accuracies, gap and F1 on `split`.
+
+    Equal weights must give them again bit for bit. Not compared: train's curves (training history, not the
+    record's result; equal weights already say the training repeated).
+    """
+    return spread_keys(split)
+
+
+def parent_metrics(split: str) -> tuple[str, ...]:
+    """Likewise on the parent run: the seed metrics' mean and spread over the seeds.
+
+    Not compared: seconds_per_epoch, group_seconds_per_epoch and images_per_second (wall clock, never equal twice).
+    """
+    return tuple(f"{key}{end}" for key in spread_keys(split)
+                 for end in ("", "_std", "_min", "_max", "_n", "_ci95_low", "_ci95_high"))
+
+
 def env_differences(original: Environment, rerun: Environment) -> list[str]:
     """`thread count 2 → 1`, ...: every numerics-relevant field that differs, and a deterministic setting that is off."""
     out = []
@@ -88,22 +102,27 @@ def tost_p(diffs: list[float], margin: float) -> float:
     return max(lower, upper)
 
 
+def _accuracies(names: tuple[str, str], rec: SeedRecord | None) -> dict[str, float | None]:
+    return dict(zip(names, (rec.train_acc, rec.eval_acc) if rec else (None, None), strict=True))
+
+
 def compare_seeds(original: RunRecord, rerun: RunRecord) -> list[SeedComparison]:
+    """Each recorded seed: weights equal or not, and its accuracies (by the record's names) on both sides."""
     out = []
     for seed, rec in sorted(original.seeds.items()):
         new = rerun.seeds.get(seed)
         equal = new is not None and rec.weights != UNKNOWN and rec.weights == new.weights
-        out.append(SeedComparison(seed, equal, {m: getattr(rec, m) for m in METRICS},
-                                  {m: getattr(new, m) if new else None for m in METRICS}))
+        out.append(SeedComparison(seed, equal, _accuracies(original.accuracies, rec),
+                                  _accuracies(original.accuracies, new)))
     return out
 
 
 def _statistical_checks(seeds: list[SeedComparison], original: RunRecord, tolerance: float, margin: float) \
         -> tuple[list[str], list[str]]:
     """(failures, every check with its outcome) of a rerun that is not bitwise."""
-    failures, checks = [], []
+    failures, checks, metrics = [], [], original.accuracies
     for s in seeds:
-        for metric in METRICS:
+        for metric in metrics:
             delta = s.delta(metric)
             if delta is None:
                 failures.append(f"seed {s.seed} has no {metric}")
@@ -111,8 +130,8 @@ def _statistical_checks(seeds: list[SeedComparison], original: RunRecord, tolera
                 failures.append(f"seed {s.seed} {metric} {s.rerun[metric]:.4f} vs {s.original[metric]:.4f} "
                                 f"({delta:+.4f}, tolerance ±{tolerance})")
     checks.append(f"per-seed tolerance ±{tolerance}: " + ("failed" if failures else "every seed within"))
-    values = {m: [s.rerun[m] for s in seeds if s.rerun[m] is not None] for m in METRICS}
-    for metric in METRICS:
+    values = {m: [s.rerun[m] for s in seeds if s.rerun[m] is not None] for m in metrics}
+    for metric in metrics:
         ci = original.ci95.get(metric)
         if ci is None or not values[metric]:
             checks.append(f"{metric} mean inside the recorded 95% interval: n too small (no interval recorded)")
@@ -123,12 +142,12 @@ def _statistical_checks(seeds: list[SeedComparison], original: RunRecord, tolera
                       f"[{ci[0]:.4f}, {ci[1]:.4f}]")
         if not inside:
             failures.append(checks[-1])
-    diffs = [d for s in seeds if (d := s.delta("val_acc")) is not None]
+    diffs = [d for s in seeds if (d := s.delta(metrics[1])) is not None]
     if len(diffs) < 2:
-        checks.append(f"TOST on val_acc at ±{margin}: n too small ({len(diffs)} seed)")
+        checks.append(f"TOST on {metrics[1]} at ±{margin}: n too small ({len(diffs)} seed)")
     else:
         p = tost_p(diffs, margin)
-        checks.append(f"TOST on val_acc at ±{margin}: p = {p:.3g} ({'equivalent' if p < ALPHA else 'not shown'} "
+        checks.append(f"TOST on {metrics[1]} at ±{margin}: p = {p:.3g} ({'equivalent' if p < ALPHA else 'not shown'} "
                       f"at α = {ALPHA}, n = {len(diffs)})")
         if p >= ALPHA:
             failures.append(checks[-1])
@@ -144,8 +163,9 @@ def metric_mismatches(original: RunRecord, rerun: RunRecord) -> list[str]:
 
     A metric the rerun logs but the record lacks counts too: then the record is not what this commit's evaluate wrote.
     """
-    sides = [("", PARENT_METRICS, original.metrics, rerun.metrics)]
-    sides += [(f"seed {seed} ", SEED_METRICS, rec.metrics, rerun.seeds[seed].metrics if seed in rerun.seeds else {})
+    split = original.split
+    sides = [("", parent_metrics(split), original.metrics, rerun.metrics)]
+    sides += [(f"seed {seed} ", seed_metrics(split), rec.metrics, rerun.seeds[seed].metrics if seed in rerun.seeds else {})
               for seed, rec in sorted(original.seeds.items())]
     return [f"{where}{key} {_shown(a.get(key))} recorded, {_shown(b.get(key))} rerun"
             for where, keys, a, b in sides for key in keys if a.get(key) != b.get(key)]
@@ -167,6 +187,9 @@ def judge(original: RunRecord, rerun: RunRecord, tolerance: float, margin: float
     """Bitwise, equivalent or differs, with the environment differences that explain a non-bitwise rerun."""
     seeds = compare_seeds(original, rerun)
     what = f"{original.name} ({original.run_id[:8]})"
+    if rerun.split != original.split:
+        return Verdict("differs", f"differs: {what} was evaluated on {original.split}, the rerun on {rerun.split}: "
+                       "it did not run with the recorded data.holdout", [], seeds, [])
     if all(s.weights_equal for s in seeds):
         return _bitwise(what, original, rerun, seeds)
     reasons = env_differences(original.env, rerun.env)
@@ -193,12 +216,13 @@ def _value(v: float | None) -> str:
 
 def markdown(original: RunRecord, rerun: RunRecord, verdict: Verdict, setup: dict[str, str]) -> str:
     """The report `reports/reproductions/<run>.md`: verdict, seeds, checks, both environments side by side."""
+    train, acc = original.accuracies
     lines = [f"# Reproduction of {original.name} (run {original.run_id})", "", f"**{verdict.line}**", "",
              *[f"- {key}: {value}" for key, value in setup.items()], "",
-             "| seed | weights equal | train_acc (record) | train_acc (rerun) | val_acc (record) | val_acc (rerun) |",
+             f"| seed | weights equal | {train} (record) | {train} (rerun) | {acc} (record) | {acc} (rerun) |",
              "|---:|:-:|---:|---:|---:|---:|"]
-    lines += [f"| {s.seed} | {'yes' if s.weights_equal else 'no'} | {_value(s.original['train_acc'])} | "
-              f"{_value(s.rerun['train_acc'])} | {_value(s.original['val_acc'])} | {_value(s.rerun['val_acc'])} |"
+    lines += [f"| {s.seed} | {'yes' if s.weights_equal else 'no'} | {_value(s.original[train])} | "
+              f"{_value(s.rerun[train])} | {_value(s.original[acc])} | {_value(s.rerun[acc])} |"
               for s in verdict.seeds]
     lines += ["", *[f"- {check}" for check in verdict.checks], "", "| environment | record | rerun |", "|---|---|---|"]
     lines += [f"| {FIELD_NAMES[f.name]} | {getattr(original.env, f.name)} | {getattr(rerun.env, f.name)} |"

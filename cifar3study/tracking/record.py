@@ -6,7 +6,9 @@ itself: a digest of the train stage's code (the `.py` deps dvc.yaml lists for
 it, each file's MD5 as DVC computes it, plus the table in `code_files.json`
 so a refusal can name the file), the DVC experiment's baseline commit, and
 each seed's final weights digest. The environment that changes numerics
-comes from `device.describe`'s tags.
+comes from `device.describe`'s tags. A run is judged on the split it was
+evaluated on: `val_acc` for the validation split, `holdout_acc` for a run
+trained with data.holdout > 0 (a param its runs carry only then).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class SeedRecord:
     run_id: str
     weights: str  # sha256 of the final weights (`unknown` for runs older than this record)
     train_acc: float | None  # None until the evaluate stage ran
-    val_acc: float | None
+    eval_acc: float | None  # on the run's evaluation split: its val_acc, or holdout_acc (RunRecord.split)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # every metric's latest value
 
 
@@ -130,18 +132,34 @@ class RunRecord:
     code_files: dict[str, str]
     seeds: dict[int, SeedRecord]
     env: Environment
-    ci95: dict[str, tuple[float, float] | None]  # recorded 95% interval of train_acc and val_acc means
+    ci95: dict[str, tuple[float, float] | None]  # recorded 95% interval of each of `accuracies`' means, by name
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the parent's metrics, latest values
+    split: str = "val"  # the evaluation split: "val", or "holdout" for a run trained with data.holdout > 0
+
+    @property
+    def accuracies(self) -> tuple[str, str]:
+        """The names of what SeedRecord.train_acc and .eval_acc hold: train_acc and val_acc or holdout_acc."""
+        return "train_acc", f"{self.split}_acc"
 
     @property
     def evaluated(self) -> bool:
-        return all(s.val_acc is not None and s.train_acc is not None for s in self.seeds.values())
+        return all(s.eval_acc is not None and s.train_acc is not None for s in self.seeds.values())
 
 
-def _seed_runs(client: MlflowClient, experiment_id: str, parent: str) -> dict[int, SeedRecord]:
+def evaluation_split(params: Mapping[str, str], run_id: str) -> str:
+    """"holdout" for a run whose params hold data.holdout > 0 (logged only then), else "val"."""
+    value = params.get("data.holdout", "0")
+    try:
+        return "holdout" if float(value) > 0 else "val"
+    except ValueError as err:
+        raise StageError(f"MLflow run {quote(run_id)} records data.holdout {quote(value)}, not a number; "
+                         "give a run its train stage logged") from err
+
+
+def _seed_runs(client: MlflowClient, experiment_id: str, parent: str, split: str) -> dict[int, SeedRecord]:
     found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.kind = 'seed'")
     return {int(r.data.tags["seed"]): SeedRecord(r.info.run_id, r.data.tags.get(TAG_WEIGHTS, UNKNOWN),
-                                                 r.data.metrics.get("train_acc"), r.data.metrics.get("val_acc"),
+                                                 r.data.metrics.get("train_acc"), r.data.metrics.get(f"{split}_acc"),
                                                  dict(r.data.metrics))
             for r in found}
 
@@ -169,14 +187,14 @@ def read_record(client: MlflowClient, run_id: str, scratch: Path) -> RunRecord:
     if tags.get("kind") != "model":
         raise StageError(f"MLflow run {quote(run_id)} is a {quote(tags.get('kind'))} run, not a model's parent run; "
                          "give the parent run (tag kind=model)")
-    exp_name = tags.get("dvc.exp_name")
+    exp_name, split = tags.get("dvc.exp_name"), evaluation_split(params, run_id)
     return RunRecord(
         run_id, run.info.run_name or "", run.info.experiment_id, tags.get("model", UNKNOWN),
         tags.get("mlflow.source.git.commit", UNKNOWN), tags.get("git.dirty", UNKNOWN), exp_name,
         tags.get(TAG_BASELINE), tags.get("data.archive_md5", UNKNOWN), tags.get(TAG_CODE, UNKNOWN),
-        _code_files(client, run_id, scratch), _seed_runs(client, run.info.experiment_id, run_id),
-        Environment.from_run(tags, params), {k: _ci(run.data.metrics, k) for k in ("train_acc", "val_acc")},
-        dict(run.data.metrics))
+        _code_files(client, run_id, scratch), _seed_runs(client, run.info.experiment_id, run_id, split),
+        Environment.from_run(tags, params), {k: _ci(run.data.metrics, k) for k in ("train_acc", f"{split}_acc")},
+        dict(run.data.metrics), split)
 
 
 def download_params(client: MlflowClient, run_id: str, scratch: Path) -> Path:

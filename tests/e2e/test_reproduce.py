@@ -16,10 +16,12 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from cifar3study.data.dataset import carve_holdout, read_split
 from tests.e2e.conftest import ENV, sh
 from tests.helpers import archive_files, last_line, write_archive
 
@@ -130,6 +132,29 @@ def test_dvc_experiment_is_reproduced_from_its_record(trained: tuple[Path, str])
     # Bitwise only if the rerun trained with the experiment's lr, not the workspace's 0.01.
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].startswith("bitwise: "), done.stderr[-3000:]
     assert reproductions(repo, run.info.run_id)
+
+
+def test_a_holdout_run_is_reproduced_bitwise_on_its_holdout_metrics(trained: tuple[Path, str]) -> None:
+    repo, _ = trained
+    rest, held = carve_holdout(read_split(repo / "data" / "cifar3" / "train.npz"), 0.25, 0)
+    assert min(np.bincount(held.labels).min(), np.bincount(rest.labels).min()) >= 8  # a batch of each class in each
+    sh(repo, "dvc", "exp", "run", "--temp", "-n", "held", "-S", "data.holdout=0.25", "-S", "train.batch_size=8",
+       "evaluate@cnn")
+    run = client(repo).search_runs([e.experiment_id for e in client(repo).search_experiments()],
+                                   "tags.`dvc.exp_name` = 'held' and tags.kind = 'model'")[0]
+    run_id = run.info.run_id
+    assert run.data.params["data.holdout"] == "0.25" and "holdout_acc" in run.data.metrics
+    assert "val_acc" not in run.data.metrics  # evaluated on the held-out part only: the record has no val_ key
+    before = snapshot(repo, run_id)
+    done = reproduce(repo, run_id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("bitwise: "), done.stdout
+    [linked] = reproductions(repo, run_id)
+    assert linked.data.tags["verdict"] == "bitwise"
+    assert {"holdout_acc_delta_seed0", "holdout_acc_delta_seed1"} <= set(linked.data.metrics)
+    report = (repo / "reports" / "reproductions" / f"{run_id}.md").read_text()
+    assert "| holdout_acc (record) | holdout_acc (rerun) |" in report and "val_acc" not in report
+    assert snapshot(repo, run_id) == before
 
 
 def test_a_recorded_metric_that_lies_differs_though_the_weights_are_equal(trained: tuple[Path, str],
