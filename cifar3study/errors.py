@@ -17,6 +17,14 @@ class StageError(Exception):
     """A failure the user can fix; shown as one line, exit status 1."""
 
 
+class Pruned(StageError):
+    """A study's pruner stopped this trial's training after `epoch`: an expected end, recorded as KILLED, not failed."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"pruned after epoch {epoch}: the study's pruner stopped this trial (its ledger says so)")
+        self.epoch = epoch
+
+
 class _BoundedRepr(reprlib.Repr):
     """reprlib's elided repr, also for bytes and for integers too long for str() (which raises for them)."""
 

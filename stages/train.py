@@ -20,9 +20,9 @@ import torch
 
 from cifar3study.cli import run_stage
 from cifar3study.data.dataset import Split, read_stats, training_splits
-from cifar3study.errors import StageError
+from cifar3study.errors import Pruned, StageError
 from cifar3study.params import Params, load_params, model_params
-from cifar3study.tracking import record, run_logging, store
+from cifar3study.tracking import ledger, record, run_logging, store
 from cifar3study.training import speedups
 from cifar3study.training.budget import check_budget
 from cifar3study.training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
@@ -35,12 +35,15 @@ from cifar3study.training.trainer import fit, init_models, median_epoch_seconds,
 log = logging.getLogger("train")
 
 
-def report_epoch(runs: store.GroupRuns, rows: list[EpochRecord]) -> None:
+def report_epoch(runs: store.GroupRuns, rows: list[EpochRecord], trial: ledger.EpochReporter | None) -> None:
+    """Log the epoch; in a study's trial, also report its mean score and stop when the study's pruner says so."""
     run_logging.log_epoch(runs, rows)
     acc = [r.val_acc for r in rows]
     log.info("epoch %3d  loss %.4f  train %.4f  %s %.4f (%.4f-%.4f over %d seeds)  %.2f s", rows[0].epoch,
              statistics.fmean(r.train_loss for r in rows), statistics.fmean(r.train_acc_running for r in rows),
              rows[0].split, statistics.fmean(acc), min(acc), max(acc), len(rows), rows[0].seconds)
+    if trial is not None and trial.report(rows[0].epoch, statistics.fmean(acc)):
+        raise Pruned(rows[0].epoch)
 
 
 def on_split(rows: list[EpochRecord], split: str) -> list[EpochRecord]:
@@ -69,6 +72,7 @@ def main() -> None:
     cfg, seeds = model_params(params, args.model), params.train.seeds
     device = resolve_device(params.train.device)
     check_budget(params, args.model, device)  # before any allocation or run: `dvc repro -s` skips check_params
+    trial = ledger.epoch_reporter(os.environ)  # a study's trial reports its epochs; None under plain `dvc repro`
     experiment_id = store.connect(os.environ, Path.cwd(), params.mlflow.experiment)
     for run_id in store.close_orphaned_runs(experiment_id):
         log.warning("closed run %s as KILLED: the process that ran it had died", run_id)
@@ -89,7 +93,7 @@ def main() -> None:
         run_logging.log_training_setup(runs, args.model, params, count_params(models[0]), layer_table(models[0]))
         mlflow.log_artifact(str(args.params))
         history = fit(group, train, val, params.train, params.evaluate.batch_size,
-                      lambda rows: report_epoch(runs, on_split(rows, split)))
+                      lambda rows: report_epoch(runs, on_split(rows, split), trial))
         holdout = (params.data.holdout, params.data.holdout_seed) if split == "holdout" else None
         save_checkpoint(args.checkpoint, models, CheckpointMeta(cfg, train_split.classes, stats, seeds, holdout))
         group_seconds = median_epoch_seconds(history[0])

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar3study.errors import StageError
-from cifar3study.tracking.study_tracking import ensure_study_view, log_study_run, mlflow_param
+from cifar3study.tracking.study_tracking import ensure_study_views, log_study_run, mlflow_param
 
 SWEPT = ["train.lr", "models.fc.hidden"]
 
@@ -62,36 +62,47 @@ def test_study_run_holds_the_report_and_a_rerun_reuses_it(experiment: str, tmp_p
     assert keys["trial_keys"] == ["k1", "k2", "k3"]
 
 
-def model_run(experiment: str, study: str, kind: str, val_acc: float) -> str:
+def model_run(experiment: str, study: str, kind: str, phase: str, metric: str, value: float) -> str:
     client = MlflowClient()
-    run_id = client.create_run(experiment, tags={"study": study, "kind": kind, "model": "cnn"}).info.run_id
-    client.log_metric(run_id, "val_acc", val_acc)
+    tags = {"study": study, "kind": kind, "model": "cnn", "phase": phase}
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    client.log_metric(run_id, metric, value)
     client.set_terminated(run_id)
     return run_id
 
 
-def test_view_opens_the_study_model_runs_with_swept_columns(experiment: str) -> None:
-    ours = model_run(experiment, "lr", "model", 0.8)
-    model_run(experiment, "lr", "seed", 0.7)
-    model_run(experiment, "other", "model", 0.9)
-    url = ensure_study_view(experiment, "lr", SWEPT)
-    assert url.endswith(f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=study-lr")
-    client = MlflowClient()
-    envelope = json.loads(client.get_experiment(experiment).tags["mlflow.sharedViewState.study-lr"])
-    state = json.loads(envelope["state"])
-    assert state["selectedColumns"][:3] == ["tags.`model`", "params.`train.lr`", "params.`model.hidden`"]
-    assert {"metrics.`val_acc`", "metrics.`train_acc`", "tags.`trial`"} <= set(state["selectedColumns"])
-    assert [r.info.run_id for r in client.search_runs([experiment], state["searchFilter"])] == [ours]
-    assert state["orderByKey"] == "metrics.`val_acc`" and state["orderByAsc"] is False
+def view_state(experiment: str, key: str) -> tuple[dict, dict]:
+    envelope = json.loads(MlflowClient().get_experiment(experiment).tags[f"mlflow.sharedViewState.{key}"])
+    return envelope, json.loads(envelope["state"])
 
-    ensure_study_view(experiment, "lr", ["train.momentum"])  # a rerun after the study file changed
-    again = json.loads(client.get_experiment(experiment).tags["mlflow.sharedViewState.study-lr"])
+
+def test_views_open_the_search_and_the_final_refits_apart(experiment: str) -> None:
+    search = model_run(experiment, "lr", "model", "search", "holdout_acc", 0.8)
+    final = model_run(experiment, "lr", "model", "final", "val_acc", 0.7)
+    model_run(experiment, "lr", "seed", "search", "holdout_acc", 0.7)
+    model_run(experiment, "other", "model", "search", "holdout_acc", 0.9)
+    urls = ensure_study_views(experiment, "lr", SWEPT, "holdout")
+    assert urls[0].endswith(f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=study-lr")
+    assert urls[1].endswith("viewStateShareKey=study-lr-final")
+    client = MlflowClient()
+    envelope, state = view_state(experiment, "study-lr")
+    assert state["selectedColumns"][:4] == ["tags.`model`", "tags.`phase`", "params.`train.lr`", "params.`model.hidden`"]
+    assert {"metrics.`holdout_acc`", "metrics.`train_acc`", "tags.`trial`", "tags.`pruned_at_epoch`"} <= set(
+        state["selectedColumns"])
+    assert [r.info.run_id for r in client.search_runs([experiment], state["searchFilter"])] == [search]
+    assert state["orderByKey"] == "metrics.`holdout_acc`" and state["orderByAsc"] is False
+    _, final_state = view_state(experiment, "study-lr-final")
+    assert [r.info.run_id for r in client.search_runs([experiment], final_state["searchFilter"])] == [final]
+    assert final_state["orderByKey"] == "metrics.`val_acc`"
+
+    ensure_study_views(experiment, "lr", ["train.momentum"], "holdout")  # a rerun after the study file changed
+    again, again_state = view_state(experiment, "study-lr")
     assert again["createdAt"] == envelope["createdAt"]
-    assert "params.`train.momentum`" in json.loads(again["state"])["selectedColumns"]
+    assert "params.`train.momentum`" in again_state["selectedColumns"]
 
 
 def test_param_names_follow_run_logging_and_bad_names_are_refused() -> None:
     assert mlflow_param("train.lr") == "train.lr"
     assert mlflow_param("models.cnn.channels") == "model.channels"
     with pytest.raises(StageError, match=r"^study name \"it's\" is empty or has a quote"):
-        ensure_study_view("0", "it's", SWEPT)  # refused before MLflow is asked anything
+        ensure_study_views("0", "it's", SWEPT, "holdout")  # refused before MLflow is asked anything

@@ -1,13 +1,14 @@
-"""Run a study: every trial of a study file as a DVC experiment, scheduled by Ray, then its report.
+"""Run a study: each model's trials as DVC experiments scheduled by Ray, the winners refit, then the report.
 
     python -m cifar3study.studies.run studies/<name>.yaml [--address ADDR]
 
 With no address (and no RAY_ADDRESS) Ray starts on this box, trials share
-this repository's DVC cache and log to its MLflow store, as `dvc repro`
-does. With an address they run on that cluster: each clones the Git remote,
-pulls from the DVC remote, logs to MLFLOW_TRACKING_URI and pushes its
-experiment back. Finished trials are found in the Git remote before Ray
-starts, so a rerun of a finished study costs seconds.
+this repository's DVC cache, log to its MLflow store and keep their ledger in
+`optuna.db` beside it. With an address they run on that cluster: each clones
+the Git remote, pulls from the DVC remote, logs to MLFLOW_TRACKING_URI, keeps
+the ledger at CIFAR3_LEDGER and pushes its experiment back. The ledger knows
+which trials ended, so a rerun of a finished study starts no Ray and costs
+seconds, and two drivers of one study share its trials.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import logging
 import math
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from cifar3study.cli import run_stage
 from cifar3study.errors import StageError, quote
-from cifar3study.studies.spec import Study, Trial, load_study, trials
-from cifar3study.studies.trial import TrialOutcome, TrialSpec, fetch_exp, recorded_metrics, remote_exps
+from cifar3study.studies.checks import load_study
+from cifar3study.studies.search import Claim, Searches, unretried_failures
+from cifar3study.studies.spec import Study
+from cifar3study.studies.trial import TrialSpec
+from cifar3study.tracking import ledger
 
 log = logging.getLogger("study")
-# What trials get from the driver's environment: tracking server, its artifact store, a data mirror.
-PASSED_ENV = ("MLFLOW_", "AWS_", "CIFAR10_URL", "CIFAR10_MD5")
+# What trials get from the driver's environment: tracking server, its artifact store, a data mirror, the ledger's password file.
+PASSED_ENV = ("MLFLOW_", "AWS_", "CIFAR10_URL", "CIFAR10_MD5", "PGPASSFILE")
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -56,16 +61,6 @@ def git_remote(repo: Path, given: str | None, cluster: bool) -> str:
         raise StageError("a cluster needs a Git remote every box can reach: add `origin` or pass --git-remote") from err
 
 
-def finished(repo: Path, remote: str, base: str, todo: list[Trial], fetch: bool) -> dict[str, str]:
-    """{trial name: experiment commit} of the trials already in the Git remote (fetched here when remote)."""
-    names = {t.name for t in todo}
-    done = {name: sha for name, sha in remote_exps(repo, remote, base).items() if name in names}
-    if fetch:
-        for name in done:
-            fetch_exp(repo, remote, base, name)
-    return done
-
-
 def passed_env(env: dict[str, str], repo: Path, cluster: bool) -> dict[str, str]:
     out = {k: v for k, v in env.items() if k.startswith(PASSED_ENV)}
     if not cluster:  # the repository's own store, exactly where `dvc repro` logs
@@ -82,44 +77,50 @@ def dvc_cache(repo: Path) -> str:
     return done.stdout.strip()
 
 
-def specs(args: argparse.Namespace, repo: Path, study: Study, params: dict, base: str, remote: str,
-          todo: list[Trial]) -> list[TrialSpec]:
+def spec_maker(args: argparse.Namespace, repo: Path, study: Study, params: dict, base: str, remote: str,
+               url: str) -> Callable[[Claim], TrialSpec]:
+    """How a claim becomes the TrialSpec its Ray task runs."""
     cluster = bool(args.address)
     local_config = repo / ".dvc" / "config.local"
-    shared = dict(study=study.name, base=base, remote=remote,
-                  cache_dir=None if cluster else dvc_cache(repo),
+    shared = dict(study=study.name, owner=ledger.Lease.mine(1).owner, ledger=url, prune=study.prune.as_dict(),
+                  select=study.select, base=base, remote=remote, cache_dir=None if cluster else dvc_cache(repo),
                   dvc_config=local_config.read_text(encoding="utf-8") if cluster and local_config.is_file() else None,
                   env=passed_env(dict(os.environ), repo, cluster), cpus=study.resources.cpus,
                   experiment=params["mlflow"]["experiment"], scratch=args.scratch)
-    return [TrialSpec(trial=t, **shared) for t in todo]
+    return lambda claim: TrialSpec(claim=claim, **shared)
+
+
+def open_searches(args: argparse.Namespace, repo: Path, study: Study, base: str) -> tuple[Searches, str]:
+    url = ledger.ledger_url(os.environ, repo)
+    if args.address and url.startswith("sqlite"):
+        raise StageError(f"a cluster's trials share one ledger: set {ledger.LEDGER_ENV} to a database every box "
+                         "reaches (the team stack's, see `make team-up`)")
+    lease = ledger.env_seconds(os.environ, ledger.LEASE_ENV, ledger.DEFAULT_LEASE)
+    searches = Searches(ledger.open_storage(url), url, study, base, lease)
+    searches.open()
+    return searches, url
 
 
 def run_study(args: argparse.Namespace, repo: Path) -> bool:
-    """Run what is left of the study; True when every trial finished."""
+    """Run what is left of the study, then report; True when no trial failed."""
     study, params = load_study(args.study, repo / "params.yaml")
     base = base_commit(repo)
-    todo = trials(study, params, base, args.study)
     remote = git_remote(repo, args.git_remote, bool(args.address))
-    done = finished(repo, remote, base, todo, fetch=bool(args.address))
-    if len(done) == len(todo):
-        log.info("study %s: all %d trials already finished at commit %s; nothing to run (reports/studies/%s)",
-                 study.name, len(todo), base[:12], study.name)
+    searches, url = open_searches(args, repo, study, base)
+    if searches.finished():
+        log.info("study %s: every trial of %s already ended at commit %s; nothing to run (reports/studies/%s)",
+                 study.name, ", ".join(study.models), base[:12], study.name)
         return True
-    log.info("study %s: %d trials, %d already finished, %d to run, commit %s", study.name, len(todo), len(done),
-             len(todo) - len(done), base[:12])
-    from cifar3study.studies import runner  # Ray, MLflow and the report: only when there is work
+    from cifar3study.studies import report, runner  # Ray, MLflow and the report: only when there is work
 
-    outcomes = [TrialOutcome(t.key, t.name, recorded_metrics(repo, done[t.name], t.models), skipped=True)
-                for t in todo if t.name in done]
-    all_specs = specs(args, repo, study, params, base, remote, todo)
-    experiment_id = runner.prepare_store(repo, all_specs[0])
-    pending = [spec for spec in all_specs if spec.trial.name not in done]
-    outcomes += runner.run_on_ray(pending, study.resources, args.address, args.num_gpus, len(done))
-    failed = [o for o in outcomes if o.error is not None]
-    for outcome in failed:
-        log.error("trial %s failed: %s", outcome.name, outcome.error)
-    runner.report(repo, study, todo, outcomes, experiment_id, base)
-    return not failed
+    experiment_id = report.prepare_store(repo, params["mlflow"]["experiment"])
+    make_spec = spec_maker(args, repo, study, params, base, remote, url)
+    outcomes = runner.Driver(searches, make_spec, study.resources, args.address, args.num_gpus).run()
+    for outcome in outcomes:
+        if outcome.error is not None:
+            log.error("trial %s failed: %s", outcome.claim.name, outcome.error)
+    report.write(searches, params, repo, remote, experiment_id, fetch=bool(args.address))
+    return not any(unretried_failures(searches.trials(m, p)) for m in study.models for p in ("search", "final"))
 
 
 def main() -> None:
@@ -135,7 +136,7 @@ def main() -> None:
     if args.num_gpus is not None and (args.address or not math.isfinite(args.num_gpus) or args.num_gpus < 0):
         raise StageError("--num-gpus is for Ray on this box and must be >= 0; a cluster's nodes say their own GPUs")
     if not run_study(args, Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))):
-        raise StageError("some trials failed (reasons above); fix them and rerun: finished trials are kept")
+        raise StageError("some trials failed (reasons above); fix them and rerun: ended trials are kept, failed ones retried")
 
 
 if __name__ == "__main__":

@@ -1,117 +1,166 @@
-"""The study's Ray side and its end: the store made ready, trials scheduled and watched, the report written."""
+"""The study's Ray side: claim a trial when a slot is free, run it as a Ray task, renew its lease, show progress.
+
+Ray starts first and must offer what one trial asks for, or the study stops
+before any trial is claimed. The driver then claims trials one by one from
+the ledger (search.Searches), only when Ray has room to start one, so the
+sampler draws each configuration as late as possible, after the latest
+scores. When every remaining trial is held by another driver, this one waits
+for them (taking over any whose driver dies) and then reports.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from cifar3study.errors import one_line
-from cifar3study.studies.spec import Resources, Study, Trial
+from cifar3study.studies import cluster
+from cifar3study.studies.search import Claim, Searches, started
+from cifar3study.studies.spec import Resources
 from cifar3study.studies.trial import TrialOutcome, TrialSpec, run_trial
-from cifar3study.tracking import store
+from cifar3study.tracking import ledger
 
 log = logging.getLogger("study")
-OBJECT_STORE_BYTES = 128 * 1024**2  # trials pass small records; Ray's default would take a third of the memory
 MAX_RETRIES = 3  # Ray reruns a trial whose worker or node died this often
-RAY_QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # Ray listens on every interface
+POLL_SECONDS = 2.0
+UNSCHEDULABLE_ENV = "CIFAR3_UNSCHEDULABLE_SECONDS"  # how long a trial may wait for a node that fits it
+DEFAULT_UNSCHEDULABLE = 300.0
 
 
-def prepare_store(repo: Path, spec: TrialSpec) -> str:
-    """Create the MLflow experiment from the repository first, so the default store keeps artifacts in <repo>/mlruns."""
-    env = dict(spec.env)
-    if env.get("MLFLOW_TRACKING_URI") == store.tracking_uri({}, repo):
-        del env["MLFLOW_TRACKING_URI"]  # connect then sets the artifact location itself, whatever the cwd
-    return store.connect(env, repo, spec.experiment)
+class Progress:
+    """One bar per model: trials ended out of its slots, and what the ledger says of the rest."""
+
+    def __init__(self, searches: Searches) -> None:
+        self.searches = searches
+        interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a line every half minute
+        self.bars = {m: tqdm(total=searches.study.trials_for(m) + bool(searches.study.final_seeds), desc=m,
+                             unit="trial", position=i, dynamic_ncols=True, mininterval=interval)
+                     for i, m in enumerate(searches.study.models)}
+
+    def refresh(self) -> None:
+        for model, bar in self.bars.items():
+            search, finals = self.searches.trials(model, "search"), self.searches.trials(model, "final")
+            states = [t.state.name for t in search]
+            running = sum(t.state.name == "RUNNING" and started(t) for t in search + finals)
+            queued = sum(not t.state.is_finished() for t in search + finals) - running
+            done = [t.value for t in search if t.state.name == "COMPLETE"]
+            bar.n = sum(t.state.is_finished() for t in search) + any(t.state.name == "COMPLETE" for t in finals)
+            bar.set_postfix(complete=states.count("COMPLETE"), pruned=states.count("PRUNED"), running=running,
+                            queued=queued, failed=states.count("FAIL"), best=f"{max(done):.4f}" if done else "-",
+                            refresh=False)
+            bar.update(0)  # drawn when mininterval allows: live on a terminal, every half minute in a log
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
-def _start_ray(address: str | None, num_gpus: float | None) -> None:
-    for name, value in RAY_QUIET.items():  # before Ray's first import: it reads its settings then
-        os.environ.setdefault(name, value)
-    import ray
+class Driver:
+    """Claims, submits and watches trials until none is left to this driver or to any other."""
 
-    package = str(Path(__file__).resolve().parents[1])  # cifar3study, shipped to every node by Ray
-    runtime = {"py_modules": [package], "excludes": ["__pycache__"]}
-    if address:
-        ray.init(address=address, runtime_env=runtime, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=OBJECT_STORE_BYTES, runtime_env=runtime, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    def __init__(self, searches: Searches, make_spec: Callable[[Claim], TrialSpec], resources: Resources,
+                 address: str | None, num_gpus: float | None) -> None:
+        self.searches, self.make_spec, self.resources = searches, make_spec, resources
+        self.address, self.num_gpus = address, num_gpus
+        self.in_flight: dict[object, tuple[Claim, float]] = {}
+        self.outcomes: list[TrialOutcome] = []
+        self.ray = contextlib.ExitStack()
+        self.task = None
+        self.slots = 0
+        self.unschedulable = ledger.env_seconds(os.environ, UNSCHEDULABLE_ENV, DEFAULT_UNSCHEDULABLE)
+
+    def run(self) -> list[TrialOutcome]:
+        with self.ray:
+            self._start_ray()
+            progress = Progress(self.searches)
+            try:
+                self._loop(progress)
+            finally:
+                progress.close()
+        return self.outcomes
+
+    def _loop(self, progress: Progress) -> None:
+        renewed = time.monotonic()
+        while True:
+            self._fill()
+            if not self.in_flight and not any(self.searches.active()):
+                return
+            if self.in_flight:
+                self._collect()
+            else:  # every trial left is another driver's: wait, and take over any whose driver dies
+                time.sleep(POLL_SECONDS)
+            if time.monotonic() - renewed > self.searches.lease / 4:
+                self.searches.renew([claim for claim, _ in self.in_flight.values()])
+                renewed = time.monotonic()
+            self._fail_unschedulable()
+            progress.refresh()
+
+    def _fill(self) -> None:
+        while len(self.in_flight) < self.slots:
+            claim = self.searches.claim()
+            if claim is None:
+                return
+            ref = self.task.options(name=claim.name).remote(self.make_spec(claim))
+            self.in_flight[ref] = (claim, time.monotonic())
+
+    def _start_ray(self) -> None:
+        started_at = time.monotonic()
+        package = str(Path(__file__).resolve().parents[1])  # cifar3study, shipped to every node by Ray
+        self.ray.enter_context(cluster.ray_session(self.address, self.num_gpus,
+                                                   {"py_modules": [package], "excludes": ["__pycache__"]}))
+        cluster.check_resources(self.resources.cpus, self.resources.gpus)
+        import ray
+
+        log.info("Ray ready in %.1f s: %s", time.monotonic() - started_at, ray.cluster_resources())
+        self.task = ray.remote(num_cpus=self.resources.cpus, num_gpus=self.resources.gpus,
+                               max_retries=MAX_RETRIES)(run_trial)
+        self.slots = _slots(self.resources)
+
+    def _collect(self) -> None:
+        import ray
+
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_SECONDS)
+        for ref in ready:
+            claim, _ = self.in_flight.pop(ref)
+            self.outcomes.append(self._outcome(ref, claim))
+
+    def _outcome(self, ref: object, claim: Claim) -> TrialOutcome:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as err:  # the worker died more often than Ray retries, or a bug in the task
+            lines = str(err).strip().splitlines()
+            return self._fail(claim, f"{type(err).__name__}: {one_line(lines[-1] if lines else '')}")
+
+    def _fail(self, claim: Claim, reason: str) -> TrialOutcome:
+        state = ledger.finish(self.searches.storage, claim.trial_id, "FAIL", error=reason)
+        return TrialOutcome(claim, state, error=reason)
+
+    def _fail_unschedulable(self) -> None:
+        """A trial still unplaced after the bound, with no node left that fits it, fails with that reason."""
+        for ref, (claim, since) in list(self.in_flight.items()):
+            if time.monotonic() - since < self.unschedulable or started(self.searches.storage.get_trial(claim.trial_id)):
+                continue
+            reason = cluster.unschedulable_reason(self.resources.cpus, self.resources.gpus)
+            if reason is not None:
+                import ray
+
+                ray.cancel(ref, force=True)
+                del self.in_flight[ref]
+                self.outcomes.append(self._fail(claim, reason))
 
 
 def _slots(resources: Resources) -> int:
-    """How many trials the cluster can run at once."""
-    import ray
+    """How many trials the cluster can run at once: what each node fits, summed (a trial runs on one node)."""
+    def fits(cpus: float, gpus: float) -> int:
+        return int(min(cpus // resources.cpus, gpus // resources.gpus if resources.gpus > 0 else float("inf")))
 
-    total = ray.cluster_resources()
-    fits = [total.get("CPU", 0) / resources.cpus]
-    if resources.gpus > 0:
-        fits.append(total.get("GPU", 0) / resources.gpus)
-    return max(1, int(min(fits)))
-
-
-def _outcome(ref: object, spec: TrialSpec) -> TrialOutcome:
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as err:  # the worker died more often than Ray retries, or a bug in the task
-        reason = one_line(str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
-        return TrialOutcome(spec.trial.key, spec.trial.name, error=f"{type(err).__name__}: {reason}")
-
-
-def _watch(refs: dict[object, TrialSpec], slots: int, done_before: int, total: int) -> list[TrialOutcome]:
-    import ray
-
-    outcomes: list[TrialOutcome] = []
-    pending = list(refs)
-    # A log file gets a line every half minute, a terminal a live bar.
-    with tqdm(total=total, initial=done_before, unit="trial", desc="trials done", dynamic_ncols=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
-            outcomes += [_outcome(ref, refs[ref]) for ref in ready]
-            failed = sum(o.error is not None for o in outcomes)
-            bar.set_postfix(running=min(slots, len(pending)), queued=max(0, len(pending) - slots), failed=failed,
-                            refresh=False)
-            bar.update(len(ready))
-    return outcomes
-
-
-def run_on_ray(pending: list[TrialSpec], resources: Resources, address: str | None, num_gpus: float | None,
-               done_before: int) -> list[TrialOutcome]:
-    """Every pending trial as a Ray task; their outcomes, failures included."""
-    started = time.monotonic()
-    _start_ray(address, num_gpus)
-    import ray
-
-    try:
-        log.info("Ray ready in %.1f s: %s", time.monotonic() - started, ray.cluster_resources())
-        task = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=MAX_RETRIES)(run_trial)
-        refs = {task.options(name=spec.trial.name).remote(spec): spec for spec in pending}
-        return _watch(refs, _slots(resources), done_before, done_before + len(pending))
-    finally:
-        ray.shutdown()
-
-
-def report(repo: Path, study: Study, todo: list[Trial], outcomes: list[TrialOutcome], experiment_id: str,
-           base: str) -> None:
-    """The study's report folder and its MLflow run and saved view, over the trials that finished."""
-    from cifar3study.reporting.study_report import TrialResult, write_study_report
-    from cifar3study.tracking.study_tracking import ensure_study_view, log_study_run
-
-    by_key = {o.key: o for o in outcomes if o.metrics is not None}
-    results = [TrialResult(t.key, t.name, t.overrides, by_key[t.key].metrics) for t in todo if t.key in by_key]
-    if not results:
-        log.error("no trial finished: no report written")
-        return
-    out_dir = repo / "reports" / "studies" / study.name
-    files = write_study_report(out_dir, study.name, study.swept, results, base_commit=base)
-    log_study_run(experiment_id, study.name, study.swept, [r.key for r in results], files)
-    log.info("report: %s", files[0])
-    log.info("MLflow runs of the study: %s", ensure_study_view(experiment_id, study.name, study.swept))
+    return max(1, sum(fits(cpus, gpus) for _, cpus, gpus in cluster.node_offers()))

@@ -1,17 +1,20 @@
-"""One trial of a study: a DVC experiment of the base commit, run in a scratch clone (by a Ray task).
+"""One trial of a study: a DVC experiment of the base commit, run in a scratch clone by a Ray task.
 
-A trial needs only the Git remote, the DVC cache or remote and the tracking
-store, so it runs the same on this box and on another one. Its experiment is
-pushed to the Git remote only after `dvc exp run` succeeded, so an experiment
-ref there means "finished": every attempt checks that first, and a retry
-after a killed worker ends KILLED the runs the dead attempt left (RUNNING or
-FINISHED), so a trial keeps one FINISHED set of runs.
+A trial needs only the Git remote, the DVC cache or remote, the tracking
+store and the ledger, so it runs the same on this box and on another. It
+trains and evaluates only the model it tunes (`dvc exp run evaluate@<model>`).
+Every attempt first looks for the trial's end: its experiment in the Git
+remote (finished) or the pruner's mark in the ledger (pruned); a retry after
+a killed worker ends KILLED the runs the dead attempt left, so a trial keeps
+one FINISHED set of runs. The worker, not the driver, tells the ledger how the
+trial ended, so a driver that dies meanwhile loses nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -25,45 +28,26 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cifar3study.errors import StageError, one_line, quote
-from cifar3study.studies.spec import Trial
+import yaml
 
-if TYPE_CHECKING:  # reading metrics pulls in scipy; a rerun of a finished study never does
-    from cifar3study.reporting.evaluation import ModelMetrics
+from cifar3study.errors import StageError, one_line, quote
+from cifar3study.studies.search import Claim
+from cifar3study.tracking import ledger
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from cifar3study.reporting.evaluation import ModelMetrics, Spread
 
 log = logging.getLogger("study")
 PUSH_ATTEMPTS = 6  # two trials pushing at one moment: one is rejected and tries again
-GIT_SECONDS = 600
-# The trial's whole process group ends with it: a killed Ray worker leaves no `dvc exp run` training on, and
-# the stages, sent SIGTERM, end their runs KILLED (see cli.run_stage).
-GUARD = 'trap "trap - TERM; kill -TERM 0" TERM; "$@" & wait $!'
 IDENTITY = {"GIT_AUTHOR_NAME": "cifar3 study", "GIT_AUTHOR_EMAIL": "study@localhost",
             "GIT_COMMITTER_NAME": "cifar3 study", "GIT_COMMITTER_EMAIL": "study@localhost"}
 
 
-@dataclasses.dataclass(frozen=True)
-class TrialSpec:
-    """Everything a trial needs, on whichever box it lands."""
-
-    study: str
-    trial: Trial
-    base: str  # the commit every trial of the study runs
-    remote: str  # Git remote (URL or path) the clone comes from and the experiment goes to
-    cache_dir: str | None  # one box: the repository's DVC cache, shared, so nothing is copied or downloaded again
-    dvc_config: str | None  # several boxes: the driver's .dvc/config.local (its DVC remote), for pull and push
-    env: dict[str, str]  # tracking store, credentials, data mirror
-    cpus: float
-    experiment: str  # the MLflow experiment the stages log to
-    scratch: str | None = None  # folder for the clone; the system's temp folder when None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialOutcome:
-    key: str
-    name: str
-    metrics: dict[str, ModelMetrics] | None = None
-    error: str | None = None  # one line: why the trial failed
-    skipped: bool = False  # it had finished before this run of the study
+# A command's whole process group ends with it: a killed Ray worker leaves no `dvc exp run` training on, and
+# the stages, sent SIGTERM, end their runs KILLED (see cli.run_stage).
+GUARD = 'trap "trap - TERM; kill -TERM 0" TERM; "$@" & wait $!'
 
 
 def exp_ref(base: str, name: str) -> str:
@@ -106,22 +90,47 @@ def remote_exps(cwd: Path, remote: str, base: str) -> dict[str, str]:
     return {ref.removeprefix(prefix): sha for sha, ref in found if ref.startswith(prefix)}
 
 
-def recorded_metrics(repo: Path, commit: str, models: tuple[str, ...]) -> dict[str, ModelMetrics]:
-    """The metrics a finished experiment committed (they are `cache: false`, so they are in Git)."""
-    from cifar3study.reporting.evaluation import read_metrics
-
-    out = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for model in models:
-            text = run(["git", "show", f"{commit}:data/metrics/{model}.json"], repo, what="git show")
-            (Path(folder) / f"{model}.json").write_text(text, encoding="utf-8")
-            out[model] = read_metrics(Path(folder) / f"{model}.json")
-    return out
-
-
 def fetch_exp(repo: Path, remote: str, base: str, name: str) -> None:
     ref = exp_ref(base, name)
     run(["git", "fetch", "-q", remote, f"+{ref}:{ref}"], repo, what="git fetch of the experiment")
+
+
+def recorded_metrics(repo: Path, commit: str, model: str) -> ModelMetrics:
+    """The metrics a finished experiment committed (they are `cache: false`, so they are in Git)."""
+    from cifar3study.reporting.evaluation import read_metrics
+
+    text = run(["git", "show", f"{commit}:data/metrics/{model}.json"], repo, what="git show")
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / f"{model}.json").write_text(text, encoding="utf-8")
+        return read_metrics(Path(folder) / f"{model}.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs, on whichever box it lands."""
+
+    study: str
+    claim: Claim  # which trial of the ledger, its experiment name and overrides
+    owner: str  # the driver's lease: the worker marks the trial started under it
+    ledger: str  # the ledger's URL
+    prune: dict[str, object]  # the study's pruner, rebuilt by the train stage
+    select: str  # holdout | val: the split a search trial is scored on (a final refit: val, the test split)
+    base: str  # the commit every trial of the study runs
+    remote: str  # Git remote (URL or path) the clone comes from and the experiment goes to
+    cache_dir: str | None  # one box: the repository's DVC cache, shared, so nothing is copied or downloaded again
+    dvc_config: str | None  # several boxes: the driver's .dvc/config.local (its DVC remote), for pull and push
+    env: dict[str, str]  # tracking store, credentials, data mirror
+    cpus: float
+    experiment: str  # the MLflow experiment the stages log to
+    scratch: str | None = None  # folder for the clone; the system's temp folder when None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    claim: Claim
+    state: str  # COMPLETE | PRUNED | FAIL, as the ledger holds it
+    value: float | None = None  # the score it is ranked by
+    error: str | None = None  # one line: why the trial failed
 
 
 def close_leftover_runs(env: dict[str, str], experiment: str, key: str) -> list[str]:
@@ -148,11 +157,14 @@ def close_leftover_runs(env: dict[str, str], experiment: str, key: str) -> list[
 def trial_env(spec: TrialSpec) -> dict[str, str]:
     """The worker's environment (CUDA_VISIBLE_DEVICES as Ray set it), the driver's store, the trial's tags."""
     threads = str(max(1, int(spec.cpus)))  # torch follows the trial's CPU share, not the box's core count
-    env = {**IDENTITY, **os.environ, **spec.env, "CIFAR3_STUDY": spec.study, "CIFAR3_TRIAL": spec.trial.key,
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "DVC_NO_ANALYTICS": "1"}
+    env = {**IDENTITY, **os.environ, **spec.env, "CIFAR3_STUDY": spec.study, "CIFAR3_TRIAL": spec.claim.key,
+           "CIFAR3_PHASE": spec.claim.phase, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "DVC_NO_ANALYTICS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for inherited in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE"):
+    for inherited in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE", *ledger.TRIAL_ENV):
         env.pop(inherited, None)
+    if spec.claim.phase == "search":  # a final refit reports to no pruner: its epochs are scored on the test split
+        env.update(ledger.trial_env(spec.ledger, spec.claim.ledger_study, spec.claim.trial_id, spec.prune))
     return env
 
 
@@ -176,12 +188,12 @@ def _share_data(spec: TrialSpec, repo: Path, env: dict[str, str]) -> None:
     try:
         run(["dvc", "pull", "-q"], repo, env, what="dvc pull")
     except StageError as err:  # what the remote lacks, the pipeline computes
-        log.warning("%s: %s", spec.trial.name, err)
+        log.warning("%s: %s", spec.claim.name, err)
 
 
 def _push(spec: TrialSpec, repo: Path, env: dict[str, str]) -> None:
     extra = ["--no-cache"] if spec.cache_dir is not None else []
-    cmd = ["dvc", "exp", "push", *extra, spec.remote, spec.trial.name]
+    cmd = ["dvc", "exp", "push", *extra, spec.remote, spec.claim.name]
     for attempt in range(1, PUSH_ATTEMPTS + 1):
         try:
             run(cmd, repo, env, what="dvc exp push")
@@ -192,31 +204,92 @@ def _push(spec: TrialSpec, repo: Path, env: dict[str, str]) -> None:
             time.sleep(random.uniform(0.5, 2.0) * attempt)
 
 
-def _attempt(spec: TrialSpec, repo: Path) -> TrialOutcome:
-    trial, env = spec.trial, trial_env(spec)
-    _clone(spec, repo, env)
-    recorded = remote_exps(repo, spec.remote, spec.base).get(trial.name)
+def scored_split(spec: TrialSpec) -> str:
+    """What the trial is ranked by: the holdout or validation accuracy of a search trial, the test's of a refit."""
+    return spec.select if spec.claim.phase == "search" else "val"
+
+
+def split_accuracy(metrics: ModelMetrics, split: str) -> Spread:
+    """The accuracy a trial is judged by, refused when its metrics are on another split than the study ranks on."""
+    if metrics.split != split:
+        raise StageError(f"the trial's metrics are on the {metrics.split} split, but it is judged on the {split} split; "
+                         "was data.holdout changed by hand? rerun the study")
+    return metrics.eval_acc
+
+
+def score(metrics: ModelMetrics, spec: TrialSpec) -> float:
+    return split_accuracy(metrics, scored_split(spec)).mean
+
+
+def _finished(spec: TrialSpec, repo: Path, storage: BaseStorage) -> TrialOutcome | None:
+    """How an earlier attempt ended the trial, if it did: pushed its experiment, was pruned, or was told."""
+    claim = spec.claim
+    recorded = remote_exps(repo, spec.remote, spec.base).get(claim.name)
     if recorded is not None:  # a worker that died after pushing: the trial is done
-        fetch_exp(repo, spec.remote, spec.base, trial.name)
-        return TrialOutcome(trial.key, trial.name, recorded_metrics(repo, recorded, trial.models), skipped=True)
+        fetch_exp(repo, spec.remote, spec.base, claim.name)
+        value = score(recorded_metrics(repo, recorded, claim.model), spec)
+        return TrialOutcome(claim, ledger.finish(storage, claim.trial_id, "COMPLETE", value, exp_commit=recorded,
+                                                  metric=f"{scored_split(spec)}_acc"), value)
+    trial = storage.get_trial(claim.trial_id)
+    if trial.state.is_finished():
+        return TrialOutcome(claim, trial.state.name, trial.value)
+    if ledger.PRUNED_ATTR in trial.system_attrs:
+        return TrialOutcome(claim, ledger.finish(storage, claim.trial_id, "PRUNED"))
+    return None
+
+
+def _attempt(spec: TrialSpec, repo: Path, storage: BaseStorage) -> TrialOutcome:
+    claim, env = spec.claim, trial_env(spec)
+    _clone(spec, repo, env)
+    if (ended := _finished(spec, repo, storage)) is not None:
+        return ended
     _share_data(spec, repo, env)
-    if closed := close_leftover_runs(env, spec.experiment, trial.key):
-        log.warning("%s: closed %d runs a dead attempt left", trial.name, len(closed))
-    cmd = ["dvc", "exp", "run", "-n", trial.name, *trial.set_args(), *([] if spec.cache_dir else ["--pull"])]
-    run(cmd, repo, env, what="dvc exp run")
+    if closed := close_leftover_runs(env, spec.experiment, claim.key):
+        log.warning("%s: closed %d runs a dead attempt left", claim.name, len(closed))
+    storage.set_trial_system_attr(claim.trial_id, ledger.STARTED_ATTR, spec.owner)
+    forget_lock(repo, claim.model)
+    cmd = ["dvc", "exp", "run", "-n", claim.name, *set_args(claim.overrides),
+           *([] if spec.cache_dir else ["--pull"]), f"evaluate@{claim.model}"]
+    try:
+        run(cmd, repo, env, what="dvc exp run")
+    except StageError:
+        if ledger.PRUNED_ATTR in storage.get_trial(claim.trial_id).system_attrs:
+            return TrialOutcome(claim, ledger.finish(storage, claim.trial_id, "PRUNED"))
+        raise
     from cifar3study.reporting.evaluation import read_metrics
 
-    metrics = {model: read_metrics(repo / "data" / "metrics" / f"{model}.json") for model in trial.models}
+    value = score(read_metrics(repo / "data" / "metrics" / f"{claim.model}.json"), spec)
     _push(spec, repo, env)
-    return TrialOutcome(trial.key, trial.name, metrics)
+    commit = run(["git", "rev-parse", exp_ref(spec.base, claim.name)], repo, env, what="git rev-parse").strip()
+    return TrialOutcome(claim, ledger.finish(storage, claim.trial_id, "COMPLETE", value, exp_commit=commit,
+                                                  metric=f"{scored_split(spec)}_acc"), value)
+
+
+def forget_lock(repo: Path, model: str) -> None:
+    """Drop the baseline's lock entries of the stages the trial runs, so they run even when its overrides change
+    nothing (a trial equal to the baseline would otherwise reuse the baseline's outputs and log no runs of its own)."""
+    path = repo / "dvc.lock"
+    if not path.is_file():
+        return
+    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for stage in (f"train@{model}", f"evaluate@{model}"):
+        lock.get("stages", {}).pop(stage, None)
+    path.write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
+
+
+def set_args(overrides: dict[str, object]) -> list[str]:
+    """`-S key=value` arguments; JSON is YAML, so DVC reads each value back as written."""
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
 def run_trial(spec: TrialSpec) -> TrialOutcome:
-    """Run (or find finished) one trial; a failure comes back as a one-line reason, not an exception."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{spec.trial.name}-", dir=spec.scratch))
+    """Run (or find ended) one trial and tell the ledger; a failure comes back as a one-line reason."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{spec.claim.name}-", dir=spec.scratch))
+    storage = ledger.open_storage(spec.ledger)
     try:
-        return _attempt(spec, folder / "repo")
+        return _attempt(spec, folder / "repo", storage)
     except StageError as err:
-        return TrialOutcome(spec.trial.key, spec.trial.name, error=one_line(err))
+        reason = one_line(err)
+        return TrialOutcome(spec.claim, ledger.finish(storage, spec.claim.trial_id, "FAIL", error=reason), error=reason)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

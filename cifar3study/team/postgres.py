@@ -10,11 +10,12 @@ import tempfile
 from pathlib import Path
 
 from cifar3study.errors import StageError
-from cifar3study.team.processes import HOST, run_checked
+from cifar3study.team.processes import HOST, run_checked, write_private
 from cifar3study.team.state import Stack
 
 POSTGRES_BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 UNPRIVILEGED = ("nobody", "nogroup")  # PostgreSQL refuses to run as root
+DATABASES = ("mlflow", "optuna")  # MLflow's runs; the studies' ledger
 
 
 def _as_postgres_user(cmd: list[str]) -> list[str]:
@@ -69,11 +70,14 @@ def start_postgres(stack: Stack) -> None:
     run_checked(_as_postgres_user([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"),
                             "-w", "-t", "60", "-o", options, "start"]), "starting PostgreSQL", cwd=folder)
     client = ["-h", HOST, "-p", str(stack.ports["postgres"]), "-U", "mlflow", "-w"]
-    listed = subprocess.run([str(POSTGRES_BIN / "psql"), *client, "-d", "postgres", "-Atc",
-                             "select 1 from pg_database where datname = 'mlflow'"],
-                            capture_output=True, text=True, timeout=60, env=stack.postgres_env)
-    if listed.stdout.strip() != "1":
-        run_checked([str(POSTGRES_BIN / "createdb"), *client, "mlflow"], "creating the mlflow database", env=stack.postgres_env)
+    for database in DATABASES:
+        listed = subprocess.run([str(POSTGRES_BIN / "psql"), *client, "-d", "postgres", "-Atc",
+                                 f"select 1 from pg_database where datname = '{database}'"],
+                                capture_output=True, text=True, timeout=60, env=stack.postgres_env)
+        if listed.stdout.strip() != "1":
+            run_checked([str(POSTGRES_BIN / "createdb"), *client, database], f"creating the {database} database",
+                        env=stack.postgres_env)
+    write_private(stack.pgpass, f"{HOST}:{stack.ports['postgres']}:*:mlflow:{stack.postgres_password}\n")
 
 
 def stop_postgres(stack: Stack) -> None:

@@ -193,7 +193,8 @@ def up(stack: Stack, repo: Path | None) -> dict[str, str]:
     if repo is not None and (repo / ".dvc").is_dir():
         configure_dvc_remote(stack, repo)
     # moto cannot serve presigned downloads to a signed-in user: clients fetch artifacts through the server instead.
-    return {"MLFLOW_TRACKING_URI": stack.tracking_uri, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
+    return {"MLFLOW_TRACKING_URI": stack.tracking_uri, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+            "CIFAR3_LEDGER": stack.ledger_uri, "PGPASSFILE": str(stack.pgpass)}
 
 
 def down(stack: Stack) -> None:

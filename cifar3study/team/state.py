@@ -39,6 +39,15 @@ class Stack:
         return f"postgresql+psycopg2://mlflow@{HOST}:{self.ports['postgres']}/mlflow"
 
     @property
+    def ledger_uri(self) -> str:
+        """The studies' ledger (Optuna's storage); the password comes from `pgpass`, a file only its owner reads."""
+        return f"postgresql+psycopg2://mlflow@{HOST}:{self.ports['postgres']}/optuna"
+
+    @property
+    def pgpass(self) -> Path:
+        return self.dir / "pgpass"
+
+    @property
     def postgres_env(self) -> dict[str, str]:
         return {**os.environ, "PGPASSWORD": self.postgres_password}
 

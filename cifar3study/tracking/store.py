@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from cifar3study.errors import StageError, quote
+from cifar3study.errors import Pruned, StageError, quote
 
 EXPERIMENT_NOTE = (
     "CIFAR-3, fully connected net vs small CNN. Each pipeline run adds a parent run per model (tag `model`, "
@@ -156,8 +156,8 @@ def run(experiment_id: str | None = None, run_id: str | None = None, **kwargs: o
 
 
 def _end_status(err: BaseException) -> str:
-    """Ctrl-C and SIGTERM (see cli) end a run KILLED; any other exception FAILED."""
-    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    """Ctrl-C, SIGTERM (see cli) and a study's pruner end a run KILLED; any other exception FAILED."""
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, Pruned)) else "FAILED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +184,9 @@ def group_runs(experiment_id: str, name: str, seeds: tuple[int, ...], tags: Mapp
         try:
             yield GroupRuns(parent.info.run_id, children)
         except BaseException as err:
+            if isinstance(err, Pruned):  # searchable: which trials the pruner stopped, and when
+                for run_id in (parent.info.run_id, *children.values()):
+                    client.set_tag(run_id, "pruned_at_epoch", str(err.epoch))
             _end_all(client, list(children.values()), _end_status(err))
             raise
         _end_all(client, list(children.values()), "FINISHED")
@@ -271,7 +274,7 @@ def provenance_tags(env: Mapping[str, str], cwd: Path, archive_md5: str, device:
 
 
 # What launched a run, set in the environment by whoever launched it: DVC, a study's trial, a scheduler's GPU share.
-CONTEXT_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "CIFAR3_STUDY": "study", "CIFAR3_TRIAL": "trial",
+CONTEXT_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "CIFAR3_STUDY": "study", "CIFAR3_TRIAL": "trial", "CIFAR3_PHASE": "phase",
                 "CUDA_VISIBLE_DEVICES": "cuda_visible_devices"}
 
 

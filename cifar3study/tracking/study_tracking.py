@@ -75,42 +75,56 @@ def log_study_run(experiment_id: str, study: str, swept: list[str], trial_keys: 
 
 
 def _note(study: str, swept: list[str], n_trials: int) -> str:
-    return (f"Study `{study}`: {n_trials} trials sweeping {', '.join(f'`{k}`' for k in swept)}. The artifacts hold "
-            f"its report (report.md, trials.csv, one figure per swept key). Its model runs side by side: open the runs "
-            f"page with `viewStateShareKey={study_view_key(study)}`.")
+    return (f"Study `{study}`: {n_trials} trials and refits over {', '.join(f'`{k}`' for k in swept)}. The artifacts "
+            f"hold its report (report.md, the CSVs, the figures). Its search runs side by side: open the runs page with "
+            f"`viewStateShareKey={study_view_key(study)}`; the winners' refits on the test split: "
+            f"`viewStateShareKey={study_view_key(study)}-final`.")
 
 
-def _view_state(study: str, swept: list[str]) -> str:
-    """The model runs of the study, best validation accuracy first, with the swept params as columns."""
+def _view_state(study: str, swept: list[str], phase: str, select: str) -> str:
+    """A phase's model runs, best first by the split that phase is judged on, with the searched params as columns."""
     params = list(dict.fromkeys(f"params.`{mlflow_param(k)}`" for k in swept))
-    columns = ["tags.`model`", *params, "metrics.`val_acc`", "metrics.`val_acc_std`", "metrics.`train_acc`",
-               "tags.`dvc.exp_name`", "tags.`trial`"]
-    return json.dumps({"searchFilter": f"tags.study = '{study}' and tags.kind = 'model'", "selectedColumns": columns,
-                       "orderByKey": "metrics.`val_acc`", "orderByAsc": False})
+    score = f"{select}_acc" if phase == "search" else "val_acc"
+    columns = ["tags.`model`", "tags.`phase`", *params, f"metrics.`{score}`", f"metrics.`{score}_std`",
+               "metrics.`train_acc`", "tags.`pruned_at_epoch`", "tags.`dvc.exp_name`", "tags.`trial`"]
+    return json.dumps({"searchFilter": f"tags.study = '{study}' and tags.kind = 'model' and tags.phase = '{phase}'",
+                       "selectedColumns": columns, "orderByKey": f"metrics.`{score}`", "orderByAsc": False})
 
 
-def ensure_study_view(experiment_id: str, study: str, swept: list[str]) -> str:
-    """A saved runs-table view of the study's model runs (experiment tag mlflow.sharedViewState.<key>).
+def _view_key(study: str, phase: str) -> str:
+    return study_view_key(study) + ("" if phase == "search" else "-final")
 
-    Returns the runs-page URL that opens it: the tracking server's when MLflow logs to one, else that of
-    `mlflow ui` on its default port. A rerun rewrites the view (its columns follow the study file) and keeps
+
+def ensure_study_views(experiment_id: str, study: str, swept: list[str], select: str) -> list[str]:
+    """Saved runs-table views (experiment tags mlflow.sharedViewState.<key>) of the search and of the final refits.
+
+    Returns the runs-page URLs that open them: the tracking server's when MLflow logs to one, else those of
+    `mlflow ui` on its default port. A rerun rewrites each view (its columns follow the study file) and keeps
     its creation time.
     """
-    key = study_view_key(_checked(study))
+    _checked(study)
     client = MlflowClient()
     try:
-        old = client.get_experiment(experiment_id).tags.get(VIEW_PREFIX + key)
-        created = json.loads(old)["createdAt"] if old else None
-    except (ValueError, KeyError, TypeError):
-        created = None
+        tags = client.get_experiment(experiment_id).tags
     except MlflowException as err:
         raise StageError(f"MLflow experiment {quote(experiment_id)} is not in {mlflow.get_tracking_uri()} "
                          f"({err.error_code}); use the store the study logs to (MLFLOW_TRACKING_URI)") from err
-    now = int(time.time() * 1000)
-    envelope = {"name": f"study {study}", "createdAt": created or now, "updatedAt": now,
-                "state": _view_state(study, swept)}
-    client.set_experiment_tag(experiment_id, VIEW_PREFIX + key, json.dumps(envelope))
-    return runs_page_url(mlflow.get_tracking_uri(), experiment_id, key)
+    urls = []
+    for phase in ("search", "final"):
+        key = _view_key(study, phase)
+        now = int(time.time() * 1000)
+        envelope = {"name": f"study {study} ({phase})", "createdAt": _created(tags.get(VIEW_PREFIX + key)) or now,
+                    "updatedAt": now, "state": _view_state(study, swept, phase, select)}
+        client.set_experiment_tag(experiment_id, VIEW_PREFIX + key, json.dumps(envelope))
+        urls.append(runs_page_url(mlflow.get_tracking_uri(), experiment_id, key))
+    return urls
+
+
+def _created(old: str | None) -> int | None:
+    try:
+        return json.loads(old)["createdAt"] if old else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def runs_page_url(uri: str, experiment_id: str, key: str) -> str:

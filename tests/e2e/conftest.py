@@ -60,12 +60,12 @@ def archive_server(archive_mirror: tuple[FileServer, str]) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def make_repo(tmp_path_factory: pytest.TempPathFactory, archive_server: tuple[str, str]) -> Callable[..., Path]:
-    """Build a committed project copy with short training; `train` overrides train.* params."""
-    def build(**train: object) -> Path:
+    """Build a committed project copy with short training; `train` overrides train.* params, `data` data.* ones."""
+    def build(data: dict | None = None, **train: object) -> Path:
         repo = tmp_path_factory.mktemp("repo")
         copy_project(repo)
         params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["data"].update({"url": archive_server[0], "md5": archive_server[1]})
+        params["data"].update({"url": archive_server[0], "md5": archive_server[1], **(data or {})})
         params["train"].update({"epochs": 2, "batch_size": 32, "seeds": [0, 1], **train})
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         sh(repo, "git", "init", "-q")
