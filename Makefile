@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-requirements
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test lint bench team-up team-down reproduce study clean-venv
+.PHONY: repro test lint bench bench-pruning team-up team-down reproduce study clean-venv
 
 # Reinstall only when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -28,6 +28,10 @@ test: lint
 bench: $(STAMP)
 	python -m cifar3study.bench.speed --train data/cifar3/train.npz --stats data/cifar3/stats.json --rounds 2 --json bench.json
 
+# What ASHA saves: one study run without a pruner and with it, on the data `dvc repro stats` made (docs/studies.md).
+bench-pruning: $(STAMP)
+	python -m cifar3study.bench.pruning studies/bench-pruning.yaml --json bench-pruning.json
+
 # A team's stack on loopback (PostgreSQL, S3, MLflow server, DVC remote): eval "$$(make -s team-up)".
 team-up: $(STAMP)
 	python -m cifar3study.team.stack up
@@ -39,7 +43,8 @@ team-down: $(STAMP)
 reproduce: $(STAMP)
 	python -m cifar3study.reproduction.run $(RUN)
 
-# A sweep of DVC experiments scheduled by Ray (this box, or RAY_ADDRESS's cluster): make study STUDY=studies/<name>.yaml.
+# Tune each model on a holdout, judge the winners on the test split (this box, or RAY_ADDRESS's cluster):
+# make study STUDY=studies/<name>.yaml.
 study: $(STAMP)
 	python -m cifar3study.studies.run $(STUDY)
 
