@@ -175,14 +175,15 @@ class Searches:
         self._load(model, "final").enqueue_trial(best.params, user_attrs={"refit_of": best.number})
         return True
 
-    def search_over(self, model: str) -> FrozenTrial | None:
-        """The search's winner once every slot has finished and none failed unretried; None before."""
+    def search_done(self, model: str) -> bool:
+        """Every slot of the model's search has ended, and none in a failure still to retry."""
         trials = self.trials(model, "search")
-        if slots_used(trials) < self.study.trials_for(model) or unretried_failures(trials):
-            return None
-        if any(not t.state.is_finished() for t in trials):
-            return None
-        return winner(trials)
+        return (slots_used(trials) >= self.study.trials_for(model) and not unretried_failures(trials)
+                and all(t.state.is_finished() for t in trials))
+
+    def search_over(self, model: str) -> FrozenTrial | None:
+        """The search's winner once it is done; None before, or when every trial was pruned."""
+        return winner(self.trials(model, "search")) if self.search_done(model) else None
 
     def _hold(self, model: str, phase: str, trial: FrozenTrial) -> Claim:
         write_lease(self.storage, trial._trial_id, Lease.mine(self.lease))
@@ -211,11 +212,13 @@ class Searches:
         return all(self._model_done(model) for model in self.study.models)
 
     def _model_done(self, model: str) -> bool:
-        best = self.search_over(model)
-        if best is None:
+        if not self.search_done(model):
             return False
+        best = self.search_over(model)
+        if best is None or not self.study.final_seeds:  # nothing to refit
+            return True
         finals = [t for t in self.trials(model, "final") if t.user_attrs.get("refit_of") == best.number]
-        return not self.study.final_seeds or any(t.state == TrialState.COMPLETE for t in finals)
+        return any(t.state == TrialState.COMPLETE for t in finals)
 
     def active(self) -> Iterator[FrozenTrial]:
         """Trials some driver still works on (RUNNING or queued), in every model and phase."""

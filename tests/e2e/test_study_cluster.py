@@ -114,7 +114,8 @@ class Cluster:
 
     def trials(self) -> list:
         """Every search and final trial of the study in the ledger (the stack's PostgreSQL)."""
-        storage = optuna.storages.RDBStorage(self.env["CIFAR3_LEDGER"])
+        passfile = {"connect_args": {"passfile": self.env["PGPASSFILE"]}}  # the driver's, not this process's env
+        storage = optuna.storages.RDBStorage(self.env["CIFAR3_LEDGER"], engine_kwargs=passfile)
         return [t for s in storage.get_all_studies() if s.study_name.startswith("c3/")
                 for t in storage.get_all_trials(s._study_id)]
 
@@ -248,7 +249,7 @@ def test_a_rerun_of_the_finished_study_runs_nothing(cluster: Cluster, finished_s
     print(f"rerun of the finished study on the cluster: {time.monotonic() - started:.1f} s")
 
 
-def test_a_fresh_clone_pulls_every_experiment_and_applies_one(
+def test_a_fresh_clone_pulls_every_experiment_and_restores_a_tuned_model(
         cluster: Cluster, finished_study: StudyRun,
         tmp_path: Path) -> None:
     exps = cluster.exps()
@@ -260,8 +261,10 @@ def test_a_fresh_clone_pulls_every_experiment_and_applies_one(
     listed = sh(fresh, "dvc", "exp", "list", "--name-only")
     assert set(listed.split()) == set(exps)
     name, commit = sorted(exps.items())[0]
-    model = name.split("-")[1]
-    sh(fresh, "dvc", "exp", "apply", name)
-    sh(fresh, "dvc", "pull", "-q", f"evaluate@{model}")
+    model = name.split("-")[1]  # a trial's experiment holds the one model it tuned
+    sh(fresh, "dvc", "exp", "branch", name, "tuned")
+    sh(fresh, "git", "checkout", "-q", "tuned")
+    sh(fresh, "dvc", "pull", "-q", "--with-deps", f"evaluate@{model}")
+    assert "up to date" in sh(fresh, "dvc", "status", f"evaluate@{model}")  # its outputs are the trial's own
     metrics = f"data/metrics/{model}.json"
     assert (fresh / metrics).read_text() == sh(fresh, "git", "show", f"{commit}:{metrics}")
