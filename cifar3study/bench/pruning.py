@@ -88,7 +88,7 @@ def table(variants: list[Variant]) -> str:
     head = ["model", "epochs unpruned", "epochs ASHA", "ratio", "pruned", "best unpruned", "best ASHA", "difference"]
     times = ", ".join(f"{v.name}: {v.seconds:.0f} s" if v.seconds is not None else f"{v.name}: ran before"
                       for v in variants)
-    return tabulate(rows, head, tablefmt="github") + f"\n\nwall time: {times}"
+    return tabulate(rows, head, tablefmt="github", disable_numparse=True) + f"\n\nwall time: {times}"
 
 
 def main() -> None:
