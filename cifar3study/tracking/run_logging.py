@@ -133,6 +133,13 @@ def log_figures(run_id: str, figures: dict[str, Figure], folder: str = "") -> No
         client.log_figure(run_id, fig, f"{folder}/{name}" if folder else name)
 
 
+def log_files(run_id: str, paths: list[Path], folder: str) -> None:
+    """Files already written (figures drawn once, not again for MLflow) into a run that may have ended."""
+    client = MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), folder)
+
+
 def log_comparison(experiment_id: str, run_name_: str, values: Mapping[str, float], run_ids: dict[str, str],
                    files: list[Path], tags: Mapping[str, str]) -> str:
     """A `comparison` run: every model's numbers as `<model>.<metric>`, their differences, and the report files."""
