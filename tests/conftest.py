@@ -12,6 +12,21 @@ from cifar3study.data.dataset import channel_stats, write_split, write_stats
 from tests.helpers import CIFAR3_CLASSES, FileServer, archive_files, serving, write_archive
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`, but tests/stages/ is one unit: its modules share the session's `outputs` (a real train
+    and evaluate of every model), which each worker would otherwise build again. (`--dist loadgroup` cannot do
+    it: pytest 9.2 ignores the node-id suffix pytest-xdist 3.8 gives a group.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndStages(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/stages" if path.startswith("tests/stages/") else path
+
+    return FilesAndStages(config, log)
+
+
 @pytest.fixture
 def archive(tmp_path: Path) -> tuple[Path, str]:
     """(path, md5) of a small valid synthetic archive."""

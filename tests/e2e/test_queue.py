@@ -23,9 +23,10 @@ from tests.e2e.conftest import sh
 LRS = ("0.005", "0.02", "0.03", "0.04")
 
 
-def run_queue(repo: Path, env: dict[str, str] | None = None, timeout: float = 900) -> dict[str, str]:
+def run_queue(repo: Path, lrs: tuple[str, ...] = LRS, env: dict[str, str] | None = None,
+              timeout: float = 900) -> dict[str, str]:
     """Queue one cnn experiment per learning rate, run them two at a time, wait; {name: final status}."""
-    for lr in LRS:
+    for lr in lrs:
         sh(repo, "dvc", "exp", "run", "--queue", "-n", f"lr-{lr}", "-S", f"train.lr={lr}", "evaluate@cnn", env=env)
     sh(repo, "dvc", "queue", "start", "-j", "2", env=env)
     deadline = time.monotonic() + timeout

@@ -156,13 +156,15 @@ def test_push_then_a_fresh_clone_pulls_and_has_nothing_to_run(team: Team, tmp_pa
     assert ran(sh(clone, "dvc", "repro")) == set()
 
 
-def test_four_queued_experiments_against_the_server(team: Team) -> None:
-    statuses = run_queue(team.repo, env=team.env)
-    assert statuses == {f"lr-{lr}": "Success" for lr in LRS}
+def test_two_queued_experiments_against_the_server(team: Team) -> None:
+    """One per queue worker (`-j 2`); test_queue.py runs four on SQLite, where the store's first use races."""
+    lrs = LRS[:2]
+    statuses = run_queue(team.repo, lrs, env=team.env)
+    assert statuses == {f"lr-{lr}": "Success" for lr in lrs}
     client = team.client()
     experiment = client.get_experiment_by_name("cifar3").experiment_id
     queued = [r for r in client.search_runs([experiment], "tags.kind = 'model'") if "dvc.exp_name" in r.data.tags]
-    assert sorted(r.data.tags["dvc.exp_name"] for r in queued) == sorted(f"lr-{lr}" for lr in LRS)
+    assert sorted(r.data.tags["dvc.exp_name"] for r in queued) == sorted(f"lr-{lr}" for lr in lrs)
     assert {r.info.status for r in queued} == {"FINISHED"}
 
 
