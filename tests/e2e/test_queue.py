@@ -32,7 +32,7 @@ def run_queue(repo: Path, lrs: tuple[str, ...] = LRS, env: dict[str, str] | None
     deadline = time.monotonic() + timeout
     while re.search(r" (Queued|Running)\s*$", status := sh(repo, "dvc", "queue", "status", env=env), re.M):
         assert time.monotonic() < deadline, status
-        time.sleep(3)
+        time.sleep(6)  # each `dvc queue status` costs a second of CPU the experiments need
     return dict(re.findall(r"^\w+\s+(lr-[\d.]+)\s+.*?\s(Success|Failed)\s*$", status, re.M))
 
 
