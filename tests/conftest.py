@@ -12,7 +12,7 @@ from cifar3study.data.dataset import channel_stats, write_split, write_stats
 from tests.helpers import CIFAR3_CLASSES, FileServer, archive_files, serving, write_archive
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: a run with `-p no:xdist` has no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """`--dist loadfile`, but tests/stages/ is one unit: its modules share the session's `outputs` (a real train
     and evaluate of every model), which each worker would otherwise build again. (`--dist loadgroup` cannot do
