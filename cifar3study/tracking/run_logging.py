@@ -133,7 +133,7 @@ def log_figures(run_id: str, figures: dict[str, Figure], folder: str = "") -> No
         client.log_figure(run_id, fig, f"{folder}/{name}" if folder else name)
 
 
-def log_files(run_id: str, paths: list[Path], folder: str) -> None:
+def log_files(run_id: str, paths: list[Path], folder: str | None = None) -> None:
     """Files already written (figures drawn once, not again for MLflow) into a run that may have ended."""
     client = MlflowClient()
     for path in paths:
@@ -148,9 +148,7 @@ def log_comparison(experiment_id: str, run_name_: str, values: Mapping[str, floa
                                 tags={"kind": "comparison", **tags, **{f"run.{n}": rid for n, rid in run_ids.items()}})
     run_id = created.info.run_id
     client.log_batch(run_id, metrics=_metrics(values, 0))
-    for path in files:
-        if path.is_file():
-            client.log_artifact(run_id, str(path))
+    log_files(run_id, [p for p in files if p.is_file()])
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
